@@ -1,0 +1,127 @@
+"""Attention over the paged KV cache: metadata for one step and the pure-torch backend.
+
+Layout. Queries, keys and values of one step are flattened over all scheduled tokens:
+`q: [num_tokens, num_heads, head_dim]`. Each layer's cache is one tensor
+`[2, num_blocks, block_size, num_kv_heads, head_dim]` (keys, then values). Token `t` of the step is
+written to flat slot `slot_mapping[t]` = block_id * block_size + offset; slot -1 writes nothing
+(padding). Sequence `i` owns query rows `query_start_loc[i]:query_start_loc[i+1]` and attends to
+its first `seq_lens[i]` cached positions, causally: its last query row is position seq_lens[i]-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length including this step's tokens
+    block_table: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    # Host copies, so backends can plan without syncing on the device tensors.
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Stores this step's keys and values into their slots; slot -1 is skipped."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    keys = kv_cache[0].view(-1, num_kv_heads, head_dim)
+    values = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
+    keys.index_copy_(0, slot_mapping, key.to(keys.dtype))
+    values.index_copy_(0, slot_mapping, value.to(values.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
+              max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous keys and values per sequence: two [num_seqs, max_seq_len, kv_heads, head_dim]."""
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_blocks_needed = -(-max_seq_len // block_size)
+    table = block_table[:, :num_blocks_needed].long()
+    n = table.shape[0]
+    k = kv_cache[0][table].view(n, -1, num_kv_heads, head_dim)[:, :max_seq_len]
+    v = kv_cache[1][table].view(n, -1, num_kv_heads, head_dim)[:, :max_seq_len]
+    return k, v
+
+
+class TorchAttentionBackend:
+    """Reference paged attention in plain torch; runs on CPU and GPU.
+
+    Decode rows (one query token) of all sequences go through one batched call; each prefill or
+    prefill chunk runs on its own, so a long prompt never pads the whole batch.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, Hkv, D] -> out: [T, H, D]
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        starts = _cumsum([0, *meta.query_lens_cpu])
+        decode_seqs = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
+        if decode_seqs:
+            self._decode(q, out, kv_cache, meta, decode_seqs, starts)
+        for i, q_len in enumerate(meta.query_lens_cpu):
+            if q_len > 1:
+                self._prefill(q, out, kv_cache, meta, i, starts[i], q_len)
+        return out
+
+    def _decode(self, q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, seqs: list[int], starts: list[int]) -> None:
+        rows = torch.tensor([starts[i] for i in seqs], device=q.device)
+        seq_idx = torch.tensor(seqs, device=q.device)
+        seq_lens = meta.seq_lens[seq_idx]
+        max_len = max(meta.seq_lens_cpu[i] for i in seqs)
+        k, v = gather_kv(kv_cache, meta.block_table[seq_idx], max_len)
+        # [B, 1, 1, S]: each row sees its own context only.
+        mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None])[:, None, None]
+        o = F.scaled_dot_product_attention(
+            q[rows].unsqueeze(2),  # [B, H, 1, D]
+            k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+            attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+        out[rows] = o.squeeze(2)
+
+    def _prefill(self, q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
+                 meta: AttentionMetadata, seq: int, start: int, q_len: int) -> None:
+        seq_len = meta.seq_lens_cpu[seq]
+        k, v = gather_kv(kv_cache, meta.block_table[seq:seq + 1], seq_len)
+        qs = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
+        ks = k.transpose(1, 2).to(q.dtype)  # [1, Hkv, S, D]
+        vs = v.transpose(1, 2).to(q.dtype)
+        gqa = self.num_heads != self.num_kv_heads
+        if seq_len == q_len:  # no cached context: plain causal attention
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
+                                               enable_gqa=gqa)
+        else:  # chunk on top of a cached prefix: query row r sits at position seq_len - q_len + r
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=gqa)
+        out[start:start + q_len] = o.squeeze(0).transpose(0, 1)
+
+
+def _cumsum(xs: list[int]) -> list[int]:
+    total, out = 0, []
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
