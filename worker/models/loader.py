@@ -95,7 +95,8 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         return [model_dir / f for f in sorted(set(weight_map.values()))]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise ModelLoadError(f"no *.safetensors weights in {model_dir}")
+        raise ModelLoadError(f"no *.safetensors weights in {model_dir}; to run the architecture "
+                             "with random weights, use load format 'dummy'")
     return files
 
 

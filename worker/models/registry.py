@@ -10,12 +10,16 @@ from worker.engine.errors import ModelLoadError
 from worker.models.tiny import TINY_MODEL_DIRNAME, build_tiny_model
 
 TINY_MODEL_NAME = "tiny"
+# Configs of common real models ship with the project, for `load_format="dummy"` benchmarks.
+SHIPPED_CONFIGS_DIR = Path(__file__).parent / "configs"
 CACHE_DIR_ENV = "SLUICE_CACHE_DIR"
 # Only the files a serving worker reads: a hub repo can also hold GB of other formats.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 # "org/name" as the hub spells repo ids; a leading "." or "/" means a filesystem path instead.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_OPTIONS = (f"Pass '{TINY_MODEL_NAME}' for the built-in test model, the path of a local folder "
+_OPTIONS = (f"Pass '{TINY_MODEL_NAME}' for the built-in test model, a shipped config name for "
+            f"dummy weights ({', '.join(sorted(p.name for p in SHIPPED_CONFIGS_DIR.iterdir() if p.is_dir()))}), "
+            f"the path of a local folder "
             f"with config.json and safetensors weights, or a Hugging Face hub id such as "
             f"'org/name'")
 
@@ -36,6 +40,9 @@ def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> Pat
         raise ModelLoadError(f"no model given. {_OPTIONS}")
     if name_or_path == TINY_MODEL_NAME:
         return _tiny(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    shipped = SHIPPED_CONFIGS_DIR / name_or_path
+    if "/" not in name_or_path and (shipped / "config.json").is_file():
+        return shipped
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _checked(path, f"model folder {path}")
