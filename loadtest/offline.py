@@ -101,10 +101,11 @@ def run_hf_generate(args: argparse.Namespace, prompts: list[list[int]], out_lens
     dtype = resolve_dtype(args.dtype, ModelConfig.from_dir(model_dir), device)
     if args.load_format == "dummy":
         config = transformers.AutoConfig.from_pretrained(model_dir)
-        with torch.device(device):
+        with device:
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = model.to(device)  # type: ignore[arg-type]
     model.eval()
     batch = args.hf_batch_size or len(prompts)
     # Grouping equal output lengths keeps `generate` honest: a static batch runs to its longest.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 from tqdm import tqdm
 
@@ -17,7 +17,7 @@ from worker.outputs import OutputProcessor, RequestOutput
 from worker.tokenizer import Tokenizer
 
 # A prompt is text, a list of token ids, or a dict with "prompt" or "prompt_token_ids".
-Prompt = Union[str, list[int], dict[str, Any]]
+Prompt = str | list[int] | dict[str, Any]
 
 _ENGINE_FIELDS = set(EngineConfig.__dataclass_fields__)
 
@@ -47,10 +47,9 @@ class LLM:
                  use_tqdm: bool = True, priority: Sequence[int] | None = None
                  ) -> list[RequestOutput]:
         """Runs prompts to completion; results come back in the order of the prompts."""
-        if isinstance(prompts, str | dict) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompt_list = list(prompts)  # type: ignore[arg-type]
+        single = isinstance(prompts, str | dict) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int))
+        prompt_list: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
         encoded = [self._encode(p) for p in prompt_list]
         return self._run(encoded, params_list, priority, use_tqdm)
@@ -62,9 +61,10 @@ class LLM:
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generates replies to one conversation or a list of conversations."""
         tokenizer = self._require_tokenizer()
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations: list[Any] = (
+            [messages] if messages and isinstance(messages[0], dict) else list(messages))
         params_list = self._params_per_prompt(sampling_params, len(conversations))
-        encoded = []
+        encoded: list[tuple[str | None, list[int]]] = []
         for conv in conversations:
             ids = tokenizer.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt,
                                                 chat_template=chat_template,

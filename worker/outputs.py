@@ -116,7 +116,7 @@ class OutputProcessor:
             entry = self._requests.get(eo.request_id)
             if entry is None:
                 continue
-            result, params, completions = entry
+            result, _, completions = entry
             comp = completions[eo.index]
             out = comp.output
             if out.finished:  # already ended by a stop string; late tokens are dropped

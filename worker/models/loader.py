@@ -146,10 +146,9 @@ def _target(name: str, cfg: ModelConfig) -> tuple[str, tuple[int, int] | None]:
     """Maps a checkpoint name to (model parameter, (first row, num rows) or None)."""
     for part, fused, shard in _STACKED:
         if part in name:
-            if fused == ".qkv_proj.":
-                sizes = (cfg.q_size, cfg.kv_size, cfg.kv_size)
-            else:
-                sizes = (cfg.intermediate_size, cfg.intermediate_size)
+            sizes: tuple[int, ...] = (
+                (cfg.q_size, cfg.kv_size, cfg.kv_size) if fused == ".qkv_proj."
+                else (cfg.intermediate_size, cfg.intermediate_size))
             return name.replace(part, fused), (sum(sizes[:shard]), sizes[shard])
     return name, None
 

@@ -153,7 +153,7 @@ def test_shared_prefix_hits_cache_and_is_counted() -> None:
     sched.add_request(make_request("a", prompt, 4))
     while sched.has_unfinished():
         step(sched, runner)
-    b = make_request("b", prompt + [5, 5], 4)
+    b = make_request("b", [*prompt, 5, 5], 4)
     sched.add_request(b)
     step(sched, runner)
     assert b.num_cached_tokens == 32

@@ -125,7 +125,7 @@ def test_greedy_parity(reference: Reference, prefix_caching: bool) -> None:
 
 def test_parity_with_chunked_prefill(reference: Reference) -> None:
     # A 64-token step budget splits every prompt longer than 64 into chunks, mixed with decodes.
-    llm, results = _run(reference, max_num_batched_tokens=64, enable_prefix_caching=False)
+    _, results = _run(reference, max_num_batched_tokens=64, enable_prefix_caching=False)
     _assert_matches(reference, results)
     assert max(len(p) for p in reference.prompts) > 64
 
