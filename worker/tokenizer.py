@@ -24,6 +24,10 @@ class Tokenizer:
         self._eos_token_ids = frozenset(eos)
         # len() walks the vocabulary and added tokens; the answer never changes.
         self._vocab_size = len(hf)
+        # Decoding runs once per token per request: go straight to the Rust tokenizer when the
+        # wrapper would add nothing (its only extra step is the optional space clean-up).
+        backend = getattr(hf, "backend_tokenizer", None)
+        self._backend = None if getattr(hf, "clean_up_tokenization_spaces", False) else backend
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Tokenizer:
@@ -68,6 +72,8 @@ class Tokenizer:
         `spaces_between_special_tokens` reaches tokenizers that support it (slow, SentencePiece
         ones); fast tokenizers have no such option and ignore it. None keeps the default.
         """
+        if self._backend is not None:
+            return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         kwargs: dict[str, Any] = {}
         if spaces_between_special_tokens is not None:
             kwargs["spaces_between_special_tokens"] = spaces_between_special_tokens

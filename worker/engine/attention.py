@@ -53,8 +53,10 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
     num_blocks_needed = -(-max_seq_len // block_size)
     table = block_table[:, :num_blocks_needed].long()
     n = table.shape[0]
-    k = kv_cache[0][table].view(n, -1, num_kv_heads, head_dim)[:, :max_seq_len]
-    v = kv_cache[1][table].view(n, -1, num_kv_heads, head_dim)[:, :max_seq_len]
+    flat = table.reshape(-1)
+    # index_select over whole blocks: one contiguous copy per block, faster than fancy indexing.
+    k = kv_cache[0].index_select(0, flat).view(n, -1, num_kv_heads, head_dim)[:, :max_seq_len]
+    v = kv_cache[1].index_select(0, flat).view(n, -1, num_kv_heads, head_dim)[:, :max_seq_len]
     return k, v
 
 
