@@ -139,6 +139,18 @@ def _hf_batch(model: Any, prompts: list[list[int]], max_new: int, device: torch.
     return (out.shape[1] - width) * len(prompts)
 
 
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "config": vars(args), "model_architecture": cfg.architecture,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "device": _device_name(),
         "results": [r.as_dict() for r in results],
     }
     if len(results) == 2:
