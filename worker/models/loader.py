@@ -9,7 +9,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
+
+try:  # a progress bar where tqdm is installed; the engine does not require it
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
 
 from worker.engine.errors import ModelLoadError
 from worker.models.config import ModelConfig
@@ -105,13 +109,16 @@ def iter_checkpoint(files: list[Path], device: torch.device) -> Iterator[tuple[s
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             names += [(f, k) for k in sf.keys()]  # noqa: SIM118 (safe_open is not a dict)
-    show = len(names) > 200
-    with tqdm(total=len(names), desc="loading weights", unit="tensor", disable=not show) as bar:
-        for f in files:
-            with safe_open(str(f), framework="pt", device=str(device)) as sf:
-                for key in sf.keys():  # noqa: SIM118
-                    yield key, sf.get_tensor(key)
+    show = len(names) > 200 and tqdm is not None
+    bar = tqdm(total=len(names), desc="loading weights", unit="tensor") if show else None
+    for f in files:
+        with safe_open(str(f), framework="pt", device=str(device)) as sf:
+            for key in sf.keys():  # noqa: SIM118
+                yield key, sf.get_tensor(key)
+                if bar is not None:
                     bar.update()
+    if bar is not None:
+        bar.close()
 
 
 def load_safetensors(model: LlamaForCausalLM, model_dir: Path) -> None:

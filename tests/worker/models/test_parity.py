@@ -69,7 +69,7 @@ def _make_checkpoint(arch: str, out_dir: Path) -> transformers.PreTrainedModel:
 
 def _hf_greedy(model: transformers.PreTrainedModel, prompt: list[int]
                ) -> tuple[list[int], list[float]]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_NEW,
                              min_new_tokens=NUM_NEW, do_sample=False, output_logits=True,
@@ -97,8 +97,8 @@ def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=0)
 
 
-def _run(ref: Reference, **engine_options: object) -> tuple[LLM, list]:
-    llm = LLM(str(ref.model_dir), dtype="float32", device="cpu", **engine_options)
+def _run(ref: Reference, device: str = "cpu", **engine_options: object) -> tuple[LLM, list]:
+    llm = LLM(str(ref.model_dir), dtype="float32", device=device, **engine_options)
     return llm, llm.generate(ref.prompts, GREEDY, use_tqdm=False)
 
 
@@ -135,3 +135,15 @@ def test_parity_with_preemption(reference: Reference) -> None:
     llm, results = _run(reference, num_kv_blocks=30, enable_prefix_caching=True)
     _assert_matches(reference, results)
     assert llm.engine.stats().num_preemptions > 0
+
+
+@pytest.mark.gpu
+def test_greedy_parity_on_gpu(reference: Reference) -> None:
+    """Both sides on the GPU in float32 (no TF32), same checkpoint as on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf = transformers.AutoModelForCausalLM.from_pretrained(reference.model_dir,
+                                                           dtype=torch.float32).cuda().eval()
+    tokens, logprobs = zip(*(_hf_greedy(hf, p) for p in reference.prompts), strict=True)
+    gpu_ref = Reference(reference.model_dir, reference.prompts, list(tokens), list(logprobs))
+    _, results = _run(gpu_ref, device="cuda", max_num_batched_tokens=128)
+    _assert_matches(gpu_ref, results)
