@@ -145,5 +145,8 @@ def test_greedy_parity_on_gpu(reference: Reference) -> None:
                                                            dtype=torch.float32).cuda().eval()
     tokens, logprobs = zip(*(_hf_greedy(hf, p) for p in reference.prompts), strict=True)
     gpu_ref = Reference(reference.model_dir, reference.prompts, list(tokens), list(logprobs))
-    _, results = _run(gpu_ref, device="cuda", max_num_batched_tokens=128)
+    # An explicit cache size: by default an engine takes most of the free GPU memory, and
+    # engines of earlier parametrizations may not be collected yet.
+    _, results = _run(gpu_ref, device="cuda", max_num_batched_tokens=128,
+                      kv_cache_memory_bytes=256 * 2**20)
     _assert_matches(gpu_ref, results)
