@@ -247,3 +247,12 @@ def test_abort_frees_blocks_at_once(llm: LLM) -> None:
     assert [o.finish_reason for o in aborted] == ["abort"]
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_blocks
+
+
+def test_kv_cache_is_sized_from_a_memory_budget(tiny_model_dir: Path) -> None:
+    llm = LLM(str(tiny_model_dir), device="cpu", kv_cache_memory_bytes=2**20)
+    cfg = llm.engine.model_config
+    # float32 keys and values of every layer for one block of 16 tokens.
+    bytes_per_block = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 16
+    assert llm.engine.kv.pool.num_blocks == 2**20 // bytes_per_block
+    assert llm.engine.max_model_len == llm.engine.kv.pool.num_blocks * 16

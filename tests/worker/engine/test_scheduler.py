@@ -69,6 +69,8 @@ def check_invariants(sched: Scheduler) -> None:
             assert kv.pool._cached[block.block_hash] is block
     for req in sched.running:
         assert req.status == RequestStatus.RUNNING
+        assert req.num_cached_tokens <= req.num_prompt_tokens - 1
+    assert 0 <= kv.prefix_cache_hits <= kv.prefix_cache_queries
     assert len(sched.running) <= sched.config.max_num_seqs
 
 
