@@ -27,10 +27,34 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    # Built by the first layer that needs it and reused by the others: the same for every layer.
+    decode_plan: DecodePlan | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+
+@dataclass
+class DecodePlan:
+    """Which sequences decode one token this step, and their attention mask."""
+
+    rows: torch.Tensor  # [B] query row of each decoding sequence
+    block_table: torch.Tensor  # [B, max_blocks]
+    max_len: int
+    mask: torch.Tensor  # [B, 1, 1, max_len] bool: position < that sequence's length
+    query_starts: list[int]  # query row where every sequence (decoding or not) starts
+
+
+def plan_decode(meta: AttentionMetadata, device: torch.device) -> DecodePlan:
+    starts = _cumsum([0, *meta.query_lens_cpu])
+    seqs = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
+    rows = torch.tensor([starts[i] for i in seqs], dtype=torch.long, device=device)
+    seq_idx = torch.tensor(seqs, dtype=torch.long, device=device)
+    max_len = max((meta.seq_lens_cpu[i] for i in seqs), default=0)
+    seq_lens = meta.seq_lens[seq_idx]
+    mask = (torch.arange(max_len, device=device)[None, :] < seq_lens[:, None])[:, None, None]
+    return DecodePlan(rows, meta.block_table[seq_idx], max_len, mask, starts)
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -78,29 +102,24 @@ class TorchAttentionBackend:
         # q: [T, H, D]; k, v: [T, Hkv, D] -> out: [T, H, D]
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
-        starts = _cumsum([0, *meta.query_lens_cpu])
-        decode_seqs = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
-        if decode_seqs:
-            self._decode(q, out, kv_cache, meta, decode_seqs, starts)
+        if meta.decode_plan is None:
+            meta.decode_plan = plan_decode(meta, q.device)
+        plan = meta.decode_plan
+        if plan.max_len:
+            self._decode(q, out, kv_cache, plan)
         for i, q_len in enumerate(meta.query_lens_cpu):
             if q_len > 1:
-                self._prefill(q, out, kv_cache, meta, i, starts[i], q_len)
+                self._prefill(q, out, kv_cache, meta, i, plan.query_starts[i], q_len)
         return out
 
     def _decode(self, q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, seqs: list[int], starts: list[int]) -> None:
-        rows = torch.tensor([starts[i] for i in seqs], device=q.device)
-        seq_idx = torch.tensor(seqs, device=q.device)
-        seq_lens = meta.seq_lens[seq_idx]
-        max_len = max(meta.seq_lens_cpu[i] for i in seqs)
-        k, v = gather_kv(kv_cache, meta.block_table[seq_idx], max_len)
-        # [B, 1, 1, S]: each row sees its own context only.
-        mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None])[:, None, None]
+                plan: DecodePlan) -> None:
+        k, v = gather_kv(kv_cache, plan.block_table, plan.max_len)
         o = F.scaled_dot_product_attention(
-            q[rows].unsqueeze(2),  # [B, H, 1, D]
+            q[plan.rows].unsqueeze(2),  # [B, H, 1, D]
             k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-            attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
-        out[rows] = o.squeeze(2)
+            attn_mask=plan.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+        out[plan.rows] = o.squeeze(2)
 
     def _prefill(self, q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, seq: int, start: int, q_len: int) -> None:

@@ -171,17 +171,18 @@ class KVCacheManager:
 
     def can_allocate(self, req: Request, num_new_tokens: int,
                      computed: list[KVBlock] | None = None) -> bool:
-        return self._num_blocks_needed(req, num_new_tokens, computed) <= self.pool.num_free_blocks
-
-    def _num_blocks_needed(self, req: Request, num_new_tokens: int,
-                           computed: list[KVBlock] | None) -> int:
         computed = computed or []
         held = len(self._req_blocks.get(req.request_id, ()))
-        num_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        new_blocks = max(0, -(-num_tokens // self.block_size) - held - len(computed))
+        new_blocks = max(0, self._num_blocks_for(req, num_new_tokens, computed) - held
+                         - len(computed))
         # Cached blocks nobody references sit in the free queue: reviving them uses free slots.
         revived = sum(1 for b in computed if b.ref_cnt == 0)
-        return new_blocks + revived
+        return new_blocks + revived <= self.pool.num_free_blocks
+
+    def _num_blocks_for(self, req: Request, num_new_tokens: int, computed: list[KVBlock]) -> int:
+        """Blocks the request holds once `num_new_tokens` more tokens have slots."""
+        num_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        return -(-num_tokens // self.block_size)
 
     def allocate_slots(self, req: Request, num_new_tokens: int,
                        computed: list[KVBlock] | None = None) -> bool:
@@ -190,6 +191,7 @@ class KVCacheManager:
         `computed` are prefix-cache hits from `get_computed_blocks`, for a request that holds no
         blocks yet; they are appended to its table before the new blocks.
         """
+        computed = computed or []
         if not self.can_allocate(req, num_new_tokens, computed):
             return False
         blocks = self._req_blocks.setdefault(req.request_id, [])
@@ -197,9 +199,7 @@ class KVCacheManager:
             self.pool.touch(computed)
             blocks.extend(computed)
             self._num_registered[req.request_id] = len(blocks)
-        num_tokens = req.num_computed_tokens + (len(computed or ()) * self.block_size
-                                                ) + num_new_tokens
-        missing = -(-num_tokens // self.block_size) - len(blocks)
+        missing = self._num_blocks_for(req, num_new_tokens, computed) - len(blocks)
         if missing > 0:
             blocks.extend(self.pool.allocate(missing))
         return True
