@@ -1,8 +1,9 @@
 """Offline throughput: the engine against Hugging Face `generate` on the same prompts, same run.
 
 Prompts are random token ids with fixed (or ranged) input and output lengths; every request
-generates exactly its output length (EOS ignored), so both sides do the same work. Prints a
-table and writes JSON.
+generates exactly its output length (EOS ignored), so both sides do the same work. After one
+untimed pass each, the two sides alternate for --repeats timed passes; medians are reported.
+Prints a table and writes JSON.
 
     python -m loadtest.offline --model tiny --num-prompts 64 --input-len 128 --output-len 128
     python -m loadtest.offline --model llama-3.1-8b --load-format dummy --dtype bfloat16 \\
@@ -12,9 +13,9 @@ table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +28,8 @@ import torch
 @dataclass
 class Result:
     name: str
-    elapsed_s: float
+    elapsed_s: float  # median over repeats
+    elapsed_runs_s: list[float]
     num_requests: int
     prompt_tokens: int
     output_tokens: int
@@ -65,65 +67,92 @@ def make_workload(num_prompts: int, input_len: int, output_len: int, range_ratio
     return prompts, out_lens
 
 
-def run_sluice(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int]) -> Result:
-    from worker import LLM, SamplingParams
+class SluiceRunner:
+    name = "sluice"
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=not args.no_prefix_caching)
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
-    # Warm-up on a few prompts: first-call allocations and kernel selection are not throughput.
-    llm.generate(prompts[:4], params[:4], use_tqdm=False)
-    llm.engine.kv.reset_prefix_cache()
-    _sync(llm.engine.device)
-    t0 = time.perf_counter()
-    results = llm.generate(prompts, params, use_tqdm=True)
-    _sync(llm.engine.device)
-    elapsed = time.perf_counter() - t0
-    produced = sum(len(r.outputs[0].token_ids) for r in results)
-    if produced != sum(out_lens):
-        raise RuntimeError(f"engine produced {produced} tokens, expected {sum(out_lens)}")
-    del llm
-    gc.collect()
-    return Result("sluice", elapsed, len(prompts), sum(map(len, prompts)), produced)
+    def __init__(self, args: argparse.Namespace, out_lens: list[int]) -> None:
+        from worker import LLM, SamplingParams
+
+        self.llm = LLM(args.model, dtype=args.dtype, device=args.device,
+                       load_format=args.load_format, max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       enable_prefix_caching=not args.no_prefix_caching,
+                       gpu_memory_utilization=args.gpu_memory_utilization)
+        self.device = self.llm.engine.device
+        self.params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+                       for n in out_lens]
+
+    def run(self, prompts: list[list[int]], show_progress: bool) -> int:
+        # Every run starts cold: cached prompt blocks from the last run would flatter it.
+        self.llm.engine.kv.reset_prefix_cache()
+        results = self.llm.generate(prompts, self.params, use_tqdm=show_progress)
+        return sum(len(r.outputs[0].token_ids) for r in results)
 
 
-def run_hf_generate(args: argparse.Namespace, prompts: list[list[int]], out_lens: list[int],
-                    model_dir: Path) -> Result:
+class HFGenerateRunner:
     """Static batches through `generate` (sdpa), left-padded, as a user of the library runs it."""
-    import transformers
 
-    from worker.engine.engine import resolve_device
-    from worker.models.config import ModelConfig
-    from worker.models.loader import resolve_dtype
+    name = "hf_generate"
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, ModelConfig.from_dir(model_dir), device)
-    if args.load_format == "dummy":
-        config = transformers.AutoConfig.from_pretrained(model_dir)
-        with device:
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        model = model.to(device)  # type: ignore[arg-type]
-    model.eval()
-    batch = args.hf_batch_size or len(prompts)
-    # Grouping equal output lengths keeps `generate` honest: a static batch runs to its longest.
-    order = sorted(range(len(prompts)), key=lambda i: (out_lens[i], len(prompts[i])))
-    batches = [order[i:i + batch] for i in range(0, len(order), batch)]
-    _hf_batch(model, [prompts[i] for i in batches[0][:4]], 4, device)  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    produced = 0
-    for idx in batches:
-        max_new = max(out_lens[i] for i in idx)
-        produced += _hf_batch(model, [prompts[i] for i in idx], max_new, device)
-    _sync(device)
-    elapsed = time.perf_counter() - t0
-    del model
-    gc.collect()
-    return Result("hf_generate", elapsed, len(prompts), sum(map(len, prompts)),
-                  min(produced, sum(out_lens)))
+    def __init__(self, args: argparse.Namespace, out_lens: list[int], model_dir: Path) -> None:
+        import transformers
+
+        from worker.engine.engine import resolve_device
+        from worker.models.config import ModelConfig
+        from worker.models.loader import resolve_dtype
+
+        self.device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, ModelConfig.from_dir(model_dir), self.device)
+        if args.load_format == "dummy":
+            config = transformers.AutoConfig.from_pretrained(model_dir)
+            with self.device:
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            model = model.to(self.device)  # type: ignore[arg-type]
+        self.model = model.eval()
+        self.out_lens = out_lens
+        self.batch_size = args.hf_batch_size
+
+    def run(self, prompts: list[list[int]], show_progress: bool) -> int:
+        batch = self.batch_size or len(prompts)
+        # Grouping equal output lengths keeps `generate` honest: a static batch runs to its
+        # longest member.
+        order = sorted(range(len(prompts)), key=lambda i: (self.out_lens[i], len(prompts[i])))
+        produced = 0
+        for start in range(0, len(order), batch):
+            idx = order[start:start + batch]
+            max_new = max(self.out_lens[i] for i in idx)
+            produced += _hf_batch(self.model, [prompts[i] for i in idx], max_new, self.device)
+        return min(produced, sum(self.out_lens))
+
+
+def measure(runners: list[Any], prompts: list[list[int]], out_lens: list[int],
+            repeats: int) -> list[Result]:
+    """Alternates the runners `repeats` times, so drift in machine speed hits both alike.
+
+    Each side first runs the whole workload once untimed: the first pass at full size grows the
+    allocator's pools and picks matmul algorithms for the large shapes, which is start-up cost.
+    """
+    for runner in runners:
+        print(f"warm-up {runner.name}", flush=True)
+        runner.run(prompts, show_progress=False)
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    produced: dict[str, int] = {}
+    for rep in range(repeats):
+        for runner in runners:
+            _sync(runner.device)
+            t0 = time.perf_counter()
+            produced[runner.name] = runner.run(prompts, show_progress=rep == 0)
+            _sync(runner.device)
+            times[runner.name].append(time.perf_counter() - t0)
+            print(f"run {rep + 1}/{repeats} {runner.name}: {times[runner.name][-1]:.2f} s",
+                  flush=True)
+    expected = sum(out_lens)
+    if produced.get("sluice", expected) != expected:
+        raise RuntimeError(f"engine produced {produced['sluice']} tokens, expected {expected}")
+    return [Result(r.name, statistics.median(times[r.name]), times[r.name], len(prompts),
+                   sum(map(len, prompts)), produced[r.name]) for r in runners]
 
 
 def _hf_batch(model: Any, prompts: list[list[int]], max_new: int, device: torch.device) -> int:
@@ -177,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", choices=["hf", "none"], default="hf",
                    help="also run Hugging Face generate on the same prompts (default)")
     p.add_argument("--hf-batch-size", type=int, default=0, help="0: one static batch of all")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each side, alternating; the median is reported")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="fraction of GPU memory the engine may use (the baseline needs the rest)")
     p.add_argument("--output-json", default="results/offline.json")
     args = p.parse_args(argv)
 
@@ -187,12 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.from_dir(model_dir)
     prompts, out_lens = make_workload(args.num_prompts, args.input_len, args.output_len,
                                       args.random_range_ratio, cfg.vocab_size, args.seed)
-    results = [run_sluice(args, prompts, out_lens)]
+    runners: list[Any] = [SluiceRunner(args, out_lens)]
     if args.baseline == "hf":
-        results.append(run_hf_generate(args, prompts, out_lens, model_dir))
-    print(f"\n{'engine':<14}{'time s':>9}{'req/s':>10}{'out tok/s':>12}{'total tok/s':>13}")
+        runners.append(HFGenerateRunner(args, out_lens, model_dir))
+    results = measure(runners, prompts, out_lens, args.repeats)
+    print(f"\n{'engine':<14}{'median s':>9}{'min..max s':>14}{'req/s':>9}{'out tok/s':>12}"
+          f"{'total tok/s':>13}")
     for r in results:
-        print(f"{r.name:<14}{r.elapsed_s:>9.2f}{r.requests_per_s:>10.2f}"
+        spread = f"{min(r.elapsed_runs_s):.2f}..{max(r.elapsed_runs_s):.2f}"
+        print(f"{r.name:<14}{r.elapsed_s:>9.2f}{spread:>14}{r.requests_per_s:>9.2f}"
               f"{r.output_tokens_per_s:>12.1f}{r.total_tokens_per_s:>13.1f}")
     report: dict[str, Any] = {
         "config": vars(args), "model_architecture": cfg.architecture,
@@ -203,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) == 2:
         ratio = results[0].output_tokens_per_s / results[1].output_tokens_per_s
         report["speedup_vs_hf_generate"] = ratio
-        print(f"\nsluice / hf_generate output throughput: {ratio:.2f}x")
+        per_run = [h / e for e, h in zip(results[0].elapsed_runs_s, results[1].elapsed_runs_s,
+                                          strict=True)]
+        report["speedup_per_run"] = per_run
+        print(f"\nsluice / hf_generate output throughput: {ratio:.2f}x (median of {args.repeats}; "
+              f"per run {min(per_run):.2f}..{max(per_run):.2f}x)")
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
