@@ -107,7 +107,7 @@ def _paged_attention_kernel(
                     other=0.0)  # [HEAD_DIM, TILE]
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=key_ok[:, None],
                     other=0.0)  # [TILE, HEAD_DIM]
-        if IEEE_FP32:
+        if IEEE_FP32:  # noqa: SIM108 (the kernel compiler wants a plain constexpr branch)
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
@@ -152,12 +152,12 @@ def _merge_splits_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     base = tok * stride_p_tok + head * stride_p_head + offs_s
     m = tl.load(part_m_ptr + base)  # [NUM_SPLITS]
-    l = tl.load(part_l_ptr + base)
+    denom = tl.load(part_l_ptr + base)
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
     w = tl.exp(m - m_max)  # splits that saw no key have m = -inf and weigh nothing
     acc = tl.load(part_acc_ptr + base[:, None] * HEAD_DIM + offs_d[None, :])
-    total = tl.sum(w * l, 0)
+    total = tl.sum(w * denom, 0)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + tok * stride_o_tok + head * stride_o_head + offs_d,
              out.to(out_ptr.dtype.element_ty))

@@ -27,6 +27,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    # Split-KV segments for the Triton kernel; None lets it choose. Fixed when graphs are captured.
+    num_kv_splits: int | None = None
     # Built by the first layer that needs it and reused by the others: the same for every layer.
     decode_plan: DecodePlan | None = None
 
@@ -138,6 +140,28 @@ class TorchAttentionBackend:
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale,
                                                enable_gqa=gqa)
         out[start:start + q_len] = o.squeeze(0).transpose(0, 1)
+
+
+class TritonAttentionBackend:
+    """Paged attention through the Triton kernels: no host syncs, so decode can be graphed."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        from kernels.kv_cache import write_kv_cache
+
+        from kernels.paged_attention import paged_attention
+
+        self._write = write_kv_cache
+        self._attend = paged_attention
+        self.scale = head_dim**-0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        self._write(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        self._attend(q, kv_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                     max_query_len=meta.max_query_len, scale=self.scale,
+                     num_kv_splits=meta.num_kv_splits)
+        return out
 
 
 def _cumsum(xs: list[int]) -> list[int]:

@@ -23,6 +23,11 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 512 * 1024**2
+    # "auto": the Triton kernels on CUDA (where the head size allows), plain torch elsewhere.
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    # Decode steps up to this batch size replay CUDA graphs (Triton backend on CUDA only);
+    # 0 turns graphs off.
+    cuda_graph_max_batch: int = 256
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -36,5 +41,10 @@ class EngineConfig:
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise InvalidRequestError(
+                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.cuda_graph_max_batch < 0:
+            raise InvalidRequestError("cuda_graph_max_batch must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidRequestError("num_kv_blocks must be >= 1")

@@ -8,6 +8,7 @@ never fails because of one request's input.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def _triton_unsupported(device: torch.device, cfg: ModelConfig) -> str | None:
+    """Why the Triton kernels cannot serve this model on this device, or None if they can."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"device {device} is not a GPU (set TRITON_INTERPRET=1 to interpret on the CPU)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if cfg.head_dim < 16 or cfg.head_dim & (cfg.head_dim - 1):
+        return f"head_dim {cfg.head_dim} is not a power of two >= 16"
+    return None
+
+
 class Engine:
     def __init__(self, model_dir: str | Path | None, config: EngineConfig | None = None, *,
                  model_config: ModelConfig | None = None, device: str | torch.device = "auto",
@@ -90,16 +104,25 @@ class Engine:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, model_config, self.device)
         torch.manual_seed(seed)
+        self.attention_backend = self._choose_backend()
+        use_triton = self.attention_backend == "triton"
         t0 = time.perf_counter()
-        model = load_model(model_dir, model_config, self.device, self.dtype, load_format, seed)
-        log.info("loaded %s (%.1fM params, %s, %s) in %.1f s", model_config.architecture,
-                 model_config.num_params / 1e6, self.dtype, self.device, time.perf_counter() - t0)
+        model = load_model(model_dir, model_config, self.device, self.dtype, load_format, seed,
+                           use_triton=use_triton)
+        log.info("loaded %s (%.1fM params, %s, %s, %s attention) in %.1f s",
+                 model_config.architecture, model_config.num_params / 1e6, self.dtype,
+                 self.device, self.attention_backend, time.perf_counter() - t0)
         num_blocks = self._num_kv_blocks()
         self.max_model_len = self._max_model_len(num_blocks)
         self.kv = KVCacheManager(num_blocks, self.config.block_size,
                                  self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv, self.max_model_len)
-        self.runner = ModelRunner(model, num_blocks, self.config.block_size, self.device, self.dtype)
+        graphs = use_triton and self.device.type == "cuda"
+        self.runner = ModelRunner(
+            model, num_blocks, self.config.block_size, self.device, self.dtype,
+            max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            cuda_graph_max_batch=self.config.cuda_graph_max_batch if graphs else 0)
         log.info("KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d", num_blocks,
                  self.config.block_size, num_blocks * self.config.block_size, self.max_model_len)
         self._children: dict[str, list[Request]] = {}
@@ -111,6 +134,17 @@ class Engine:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return frozenset(self.model_config.eos_token_ids)
+
+    def _choose_backend(self) -> str:
+        choice = self.config.attention_backend
+        if choice == "torch":
+            return "torch"
+        why_not = _triton_unsupported(self.device, self.model_config)
+        if why_not is None:
+            return "triton"
+        if choice == "triton":
+            raise ModelLoadError(f"the Triton attention backend cannot run here: {why_not}")
+        return "torch"
 
     def _kv_bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()

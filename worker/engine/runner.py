@@ -1,8 +1,15 @@
-"""Executes one scheduled step: flatten the batch, run the model, sample."""
+"""Executes one scheduled step: flatten the batch, run the model, sample.
+
+On CUDA, step inputs are packed into pinned host buffers and sent with one asynchronous copy per
+dtype, and decode-only steps replay a CUDA graph captured for the next larger batch-size bucket
+(padding rows write nothing: their cache slot is -1), which removes the per-kernel launch cost
+that dominates small decode batches.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,14 +30,76 @@ class RunnerOutput:
     errors: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class StepInputs:
+    """Host-side arrays of one step, before upload."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [S + 1] int32
+    seq_lens: np.ndarray  # [S] int32
+    block_table: np.ndarray  # [S, W] int32
+    query_lens: list[int]
+    sample_rows: list[int]
+
+
+def cuda_graph_buckets(max_batch: int) -> list[int]:
+    """Batch sizes to capture: fine steps where batches are small, coarser above."""
+    sizes = [1, 2, 4, 8, *range(16, max_batch + 1, 16)]
+    return sorted({min(s, max_batch) for s in sizes})
+
+
+class _Uploader:
+    """Pinned staging buffers, reused every step, and one async copy per dtype."""
+
+    def __init__(self, device: torch.device, num_int64: int, num_int32: int) -> None:
+        self.device = device
+        pin = device.type == "cuda"
+        self.host64 = torch.empty(num_int64, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.empty(num_int32, dtype=torch.int32, pin_memory=pin)
+
+    def upload(self, arrays64: list[np.ndarray], arrays32: list[np.ndarray]
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self._send(self.host64, arrays64), self._send(self.host32, arrays32)
+
+    def _send(self, host: torch.Tensor, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        sizes = [a.size for a in arrays]
+        total = sum(sizes)
+        if total > host.numel():  # grows rarely: only past the sizes planned at start
+            host = torch.empty(total, dtype=host.dtype, pin_memory=host.is_pinned())
+        view = host.numpy()
+        offset = 0
+        for a in arrays:
+            view[offset:offset + a.size] = a.reshape(-1)
+            offset += a.size
+        # The previous step's copy out of this buffer has finished: every step ends with the
+        # sampler's host read, which waits for the stream.
+        dev = host[:total].to(self.device, non_blocking=True)
+        out, offset = [], 0
+        for a, n in zip(arrays, sizes, strict=True):
+            out.append(dev[offset:offset + n].view(a.shape))
+            offset += n
+        return out
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    hidden: torch.Tensor  # [bucket, hidden] output buffer
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, *, max_model_len: int,
+                 max_num_seqs: int, max_num_batched_tokens: int,
+                 cuda_graph_max_batch: int = 0) -> None:
         cfg = model.config
         self.model = model
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
         # One tensor per layer: [2 (k, v), num_blocks, block_size, num_kv_heads, head_dim].
         self.kv_caches = [
             torch.zeros(2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
@@ -38,15 +107,24 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler(cfg.vocab_size)
+        tokens = max(max_num_batched_tokens, max_num_seqs)
+        self.uploader = _Uploader(device, 3 * tokens,
+                                  2 * max_num_seqs + 1 + max_num_seqs * self.max_blocks_per_seq)
+        self.graphs: dict[int, _Graph] = {}
+        if cuda_graph_max_batch > 0:
+            self._capture_graphs(min(cuda_graph_max_batch, max_num_seqs))
+
+    # -- one step ---------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        input_ids, positions, meta, sample_rows = self._prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
+        inputs = self._build_inputs(out)
+        hidden = self._forward_graph(inputs) if self._graph_fits(inputs) else \
+            self._forward_eager(inputs)
         result = RunnerOutput()
-        if not sample_rows:
+        if not inputs.sample_rows:
             return result
-        rows = torch.tensor(sample_rows, device=self.device)
+        rows = torch.tensor(inputs.sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
         requests = [s.request for s in out.scheduled if s.samples]
         sampler_out = self.sampler(logits, requests)
@@ -62,12 +140,11 @@ class ModelRunner:
                 result.logprobs[rid] = lp
         return result
 
-    def _prepare(self, out: SchedulerOutput
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _build_inputs(self, out: SchedulerOutput) -> StepInputs:
         bs = self.block_size
         num_seqs = len(out.scheduled)
-        max_blocks = max(len(s.block_ids) for s in out.scheduled)
-        block_table = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        width = max(len(s.block_ids) for s in out.scheduled)
+        block_table = np.zeros((num_seqs, width), dtype=np.int32)
         input_ids: list[int] = []
         pos_chunks, slot_chunks = [], []
         query_lens, seq_lens, sample_rows = [], [], []
@@ -83,19 +160,86 @@ class ModelRunner:
             seq_lens.append(start + n)
             if s.samples:
                 sample_rows.append(len(input_ids) - 1)
-        dev = self.device
         query_start = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start[1:])
+        return StepInputs(
+            input_ids=np.asarray(input_ids, dtype=np.int64),
+            positions=np.concatenate(pos_chunks), slot_mapping=np.concatenate(slot_chunks),
+            query_start_loc=query_start, seq_lens=np.asarray(seq_lens, dtype=np.int32),
+            block_table=block_table, query_lens=query_lens, sample_rows=sample_rows)
+
+    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
+        (ids, positions, slots), (qsl, seq_lens, table) = self.uploader.upload(
+            [inputs.input_ids, inputs.positions, inputs.slot_mapping],
+            [inputs.query_start_loc, inputs.seq_lens, inputs.block_table])
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slot_chunks)).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(query_start).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_table=torch.from_numpy(block_table).to(dev, non_blocking=True),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-        )
-        input_ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        positions = torch.from_numpy(np.concatenate(pos_chunks)).to(dev, non_blocking=True)
-        return input_ids_t, positions, meta, sample_rows
+            slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_table=table,
+            query_lens_cpu=inputs.query_lens, seq_lens_cpu=inputs.seq_lens.tolist(),
+            max_query_len=max(inputs.query_lens), max_seq_len=int(inputs.seq_lens.max()))
+        return self.model(ids, positions, self.kv_caches, meta)  # [T, hidden]
+
+    # -- CUDA graphs for decode -------------------------------------------------------------
+
+    def _graph_fits(self, inputs: StepInputs) -> bool:
+        n = len(inputs.query_lens)
+        return bool(self.graphs) and n <= max(self.graphs) and len(inputs.input_ids) == n
+
+    def _forward_graph(self, inputs: StepInputs) -> torch.Tensor:
+        n = len(inputs.query_lens)
+        bucket = min(b for b in self.graphs if b >= n)
+        pad = bucket - n
+        ids = np.concatenate([inputs.input_ids, np.zeros(pad, np.int64)])
+        positions = np.concatenate([inputs.positions, np.zeros(pad, np.int64)])
+        slots = np.concatenate([inputs.slot_mapping, np.full(pad, -1, np.int64)])
+        seq_lens = np.concatenate([inputs.seq_lens, np.ones(pad, np.int32)])
+        table = np.zeros((bucket, inputs.block_table.shape[1]), dtype=np.int32)
+        table[:n] = inputs.block_table
+        (ids_d, pos_d, slots_d), (seq_lens_d, table_d) = self.uploader.upload(
+            [ids, positions, slots], [seq_lens, table])
+        g = self._static
+        g["input_ids"][:bucket].copy_(ids_d)
+        g["positions"][:bucket].copy_(pos_d)
+        g["slot_mapping"][:bucket].copy_(slots_d)
+        g["seq_lens"][:bucket].copy_(seq_lens_d)
+        g["block_table"][:bucket, :table.shape[1]].copy_(table_d)
+        graph = self.graphs[bucket]
+        graph.graph.replay()
+        return graph.hidden[:n]
+
+    def _capture_graphs(self, max_batch: int) -> None:
+        dev = self.device
+        width = self.max_blocks_per_seq
+        self._static = {
+            "input_ids": torch.zeros(max_batch, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(max_batch, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((max_batch,), -1, dtype=torch.int64, device=dev),
+            "seq_lens": torch.ones(max_batch, dtype=torch.int32, device=dev),
+            "query_start_loc": torch.arange(max_batch + 1, dtype=torch.int32, device=dev),
+            "block_table": torch.zeros(max_batch, width, dtype=torch.int32, device=dev),
+        }
+        from kernels.paged_attention import choose_num_kv_splits
+
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        buckets = cuda_graph_buckets(max_batch)
+        s = self._static
+        cfg = self.model.config
+        with torch.inference_mode():
+            for bucket in reversed(buckets):  # largest first, so smaller ones reuse its memory
+                meta = AttentionMetadata(
+                    slot_mapping=s["slot_mapping"][:bucket],
+                    query_start_loc=s["query_start_loc"][:bucket + 1],
+                    seq_lens=s["seq_lens"][:bucket], block_table=s["block_table"][:bucket],
+                    query_lens_cpu=[1] * bucket, seq_lens_cpu=[1] * bucket, max_query_len=1,
+                    max_seq_len=width * self.block_size,
+                    num_kv_splits=choose_num_kv_splits(bucket, cfg.num_kv_heads, 1, dev))
+                args = (s["input_ids"][:bucket], s["positions"][:bucket], self.kv_caches, meta)
+                self.model(*args)  # compiles kernels and settles allocations outside capture
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = self.model(*args)
+                self.graphs[bucket] = _Graph(graph, hidden)
+        torch.cuda.synchronize(dev)
+        log.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(buckets),
+                 max_batch, time.perf_counter() - t0)

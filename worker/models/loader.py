@@ -52,7 +52,8 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.devi
 
 
 def load_model(model_dir: str | Path | None, cfg: ModelConfig, device: torch.device,
-               dtype: torch.dtype, load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+               dtype: torch.dtype, load_format: str = "auto", seed: int = 0,
+               use_triton: bool = False) -> LlamaForCausalLM:
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load format {load_format!r}; use one of {LOAD_FORMATS}")
     # Build on the meta device in the target dtype, so no memory is touched (or converted)
@@ -61,7 +62,7 @@ def load_model(model_dir: str | Path | None, cfg: ModelConfig, device: torch.dev
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
+            model = LlamaForCausalLM(cfg, use_triton)
     finally:
         torch.set_default_dtype(previous)
     model = model.to_empty(device=device)
@@ -70,6 +71,8 @@ def load_model(model_dir: str | Path | None, cfg: ModelConfig, device: torch.dev
     for module in model.modules():  # rotary frequencies are computed, not loaded
         if isinstance(module, RotaryEmbedding):
             module.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope).to(device)
+            if use_triton:
+                module.build_cache(cfg.max_position_embeddings)
     if load_format == "dummy":
         fill_dummy_weights(model, seed)
     else:
