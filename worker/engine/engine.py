@@ -137,7 +137,7 @@ class Engine:
 
     def _choose_backend(self) -> str:
         choice = self.config.attention_backend
-        if choice == "torch":
+        if choice == "torch" or (choice == "auto" and self.device.type != "cuda"):
             return "torch"
         why_not = _triton_unsupported(self.device, self.model_config)
         if why_not is None:

@@ -84,13 +84,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, rope), persistent=False)
         self.use_triton = use_triton
-        # Triton path: cos|sin per position, built once at load (see `build_cache`).
+        # Triton path: cos|sin per position, one table shared by all layers, set by the loader.
         self.cos_sin_cache: torch.Tensor | None = None
-
-    def build_cache(self, max_position: int) -> None:
-        from kernels.rotary import build_cos_sin_cache
-
-        self.cos_sin_cache = build_cos_sin_cache(self.inv_freq, max_position, self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +129,7 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[assignment]
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         o = self.backend.forward(q, k, v, kv_cache, meta)  # [T, H, D]
         return self.o_proj(o.reshape(-1, self.q_size))
@@ -173,11 +168,11 @@ class DecoderLayer(nn.Module):
         # after it; the arithmetic is the reference's x + attn(norm(x)), x + mlp(norm(x)).
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)  # type: ignore[assignment]
+            x = self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)  # type: ignore[misc]
+            x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, kv_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)  # type: ignore[misc]
+        x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
 
@@ -194,7 +189,7 @@ class LlamaModel(nn.Module):
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(positions, x, residual, kv_cache, meta)
-        x, _ = self.norm(x, residual)  # type: ignore[misc]
+        x, _ = self.norm(x, residual)
         return x
 
 

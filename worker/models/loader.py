@@ -68,11 +68,16 @@ def load_model(model_dir: str | Path | None, cfg: ModelConfig, device: torch.dev
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor
         model.lm_head.weight = model.model.embed_tokens.weight
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope).to(device)
+    cos_sin_cache = None
+    if use_triton:  # one table for all layers: every layer rotates by the same angles
+        from kernels.rotary import build_cos_sin_cache
+
+        cos_sin_cache = build_cos_sin_cache(inv_freq, cfg.max_position_embeddings, device)
     for module in model.modules():  # rotary frequencies are computed, not loaded
         if isinstance(module, RotaryEmbedding):
-            module.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope).to(device)
-            if use_triton:
-                module.build_cache(cfg.max_position_embeddings)
+            module.inv_freq = inv_freq
+            module.cos_sin_cache = cos_sin_cache
     if load_format == "dummy":
         fill_dummy_weights(model, seed)
     else:
