@@ -99,8 +99,8 @@ def make_workload(num_prompts: int, input_len: int, output_len: int, range_ratio
 class SluiceRunner:
     name = "sluice"
 
-    def __init__(self, args: argparse.Namespace, out_lens: list[int]) -> None:
-        from worker import LLM, SamplingParams
+    def __init__(self, args: argparse.Namespace) -> None:
+        from worker import LLM
 
         # Passed only when given, so the engine's own default applies otherwise.
         extra = {} if args.attention_backend is None else {
@@ -113,13 +113,14 @@ class SluiceRunner:
         self.device = self.llm.engine.device
         backend = getattr(self.llm.engine, "attention_backend", "torch")
         self.note = f"{backend} attention backend"
-        self.params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-                       for n in out_lens]
 
-    def run(self, prompts: list[list[int]], show_progress: bool) -> int:
+    def run(self, prompts: list[list[int]], out_lens: list[int], show_progress: bool) -> int:
         # Every run starts cold: cached prompt blocks from the last run would flatter it.
+        from worker import SamplingParams
+
         self.llm.engine.kv.reset_prefix_cache()
-        results = self.llm.generate(prompts, self.params, use_tqdm=show_progress)
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+        results = self.llm.generate(prompts, params, use_tqdm=show_progress)
         return sum(len(r.outputs[0].token_ids) for r in results)
 
 
@@ -159,17 +160,17 @@ class HFGenerateRunner:
         self.note = ("one static batch of all prompts" if not self.batch_size else
                      f"static batches of {self.batch_size}, grouped by output length")
 
-    def run(self, prompts: list[list[int]], show_progress: bool) -> int:
+    def run(self, prompts: list[list[int]], out_lens: list[int], show_progress: bool) -> int:
         batch = self.batch_size or len(prompts)
         # Grouping equal output lengths keeps `generate` honest: a static batch runs to its
         # longest member.
-        order = sorted(range(len(prompts)), key=lambda i: (self.out_lens[i], len(prompts[i])))
+        order = sorted(range(len(prompts)), key=lambda i: (out_lens[i], len(prompts[i])))
         produced = 0
         for start in range(0, len(order), batch):
             idx = order[start:start + batch]
-            max_new = max(self.out_lens[i] for i in idx)
+            max_new = max(out_lens[i] for i in idx)
             produced += _hf_batch(self.model, [prompts[i] for i in idx], max_new, self.device)
-        return min(produced, sum(self.out_lens))
+        return min(produced, sum(out_lens))
 
 
 class HFGenerateBatchRunner:
@@ -217,7 +218,7 @@ class HFGenerateBatchRunner:
         self.note = (f"{how}; attn_implementation={self.attn_implementation!r}; "
                      f"persistent manager built in the warm-up pass; KV cache: {sizing}")
 
-    def run(self, prompts: list[list[int]], show_progress: bool) -> int:
+    def run(self, prompts: list[list[int]], out_lens: list[int], show_progress: bool) -> int:
         if self._runs == 0 and self.device.type == "cuda":
             # The manager sizes its cache from the memory torch has not reserved: release what
             # other runners' warm-up passes left cached, or the cache comes out too small.
@@ -230,8 +231,8 @@ class HFGenerateBatchRunner:
                     continuous_batching_config=self.cb_config, progress_bar=show_progress,
                     persistent_manager=True).values())
             else:
-                outputs = self._per_request(prompts, show_progress)
-        return self._count(outputs)
+                outputs = self._per_request(prompts, out_lens, show_progress)
+        return self._count(outputs, out_lens)
 
     @contextlib.contextmanager
     def _paged_attention(self) -> Iterator[None]:
@@ -247,7 +248,8 @@ class HFGenerateBatchRunner:
             if self.model.config._attn_implementation != before:
                 self.model.set_attn_implementation(before)
 
-    def _per_request(self, prompts: list[list[int]], show_progress: bool) -> list[Any]:
+    def _per_request(self, prompts: list[list[int]], out_lens: list[int],
+                     show_progress: bool) -> list[Any]:
         from tqdm import tqdm
 
         ids = [f"run{self._runs}-{i}" for i in range(len(prompts))]
@@ -255,9 +257,9 @@ class HFGenerateBatchRunner:
         with self.model.continuous_batching_context_manager(
                 generation_config=self.generation_config, block=True, timeout=5,
                 continuous_batching_config=self.cb_config, persistent_manager=True,
-                **self._workload_hints(prompts)) as manager, \
+                **self._workload_hints(prompts, out_lens)) as manager, \
                 tqdm(total=len(prompts), disable=not show_progress, unit="req") as bar:
-            for rid, prompt, n in zip(ids, prompts, self.out_lens, strict=True):
+            for rid, prompt, n in zip(ids, prompts, out_lens, strict=True):
                 manager.add_request(input_ids=prompt, request_id=rid, max_new_tokens=n)
             while len(results) < len(prompts):
                 out = manager.get_result(timeout=1)
@@ -269,7 +271,7 @@ class HFGenerateBatchRunner:
                                        f"{len(results)} of {len(prompts)} requests")
         return [results[rid] for rid in ids]
 
-    def _workload_hints(self, prompts: list[list[int]]) -> dict[str, Any]:
+    def _workload_hints(self, prompts: list[list[int]], out_lens: list[int]) -> dict[str, Any]:
         """The sizing hints `generate_batch` itself passes, where this version takes them."""
         params = inspect.signature(self.model.continuous_batching_context_manager).parameters
         if "workload_hints" not in params:
@@ -278,16 +280,16 @@ class HFGenerateBatchRunner:
             from transformers.generation.continuous_batching.utils import WorkloadHints
 
             hints = WorkloadHints(max_prompt_length=max(map(len, prompts)),
-                                  max_generated_length=max(self.out_lens),
+                                  max_generated_length=max(out_lens),
                                   num_requests=len(prompts))
         except (ImportError, TypeError):
             return {}
         return {"workload_hints": hints}
 
-    def _count(self, outputs: list[Any]) -> int:
-        if len(outputs) != len(self.out_lens):
+    def _count(self, outputs: list[Any], out_lens: list[int]) -> int:
+        if len(outputs) != len(out_lens):
             raise RuntimeError(f"generate_batch returned {len(outputs)} of "
-                               f"{len(self.out_lens)} requests")
+                               f"{len(out_lens)} requests")
         failed = [o for o in outputs if o.error is not None]
         if failed:
             raise RuntimeError(f"generate_batch failed {len(failed)} requests, e.g. "
@@ -295,8 +297,8 @@ class HFGenerateBatchRunner:
         # The output order matches the input order for per-request lengths; with one length
         # for all, order does not matter.
         counts = [min(len(o.generated_tokens), n)
-                  for o, n in zip(outputs, self.out_lens, strict=True)]
-        self.short_requests = sum(c < n for c, n in zip(counts, self.out_lens, strict=True))
+                  for o, n in zip(outputs, out_lens, strict=True)]
+        self.short_requests = sum(c < n for c, n in zip(counts, out_lens, strict=True))
         return sum(counts)
 
 
@@ -319,7 +321,7 @@ def build_runners(args: argparse.Namespace, baselines: list[str], out_lens: list
 
     The engine is built first: it sizes its KV cache from the memory still free.
     """
-    engine = SluiceRunner(args, out_lens)
+    engine = SluiceRunner(args)
     runners: dict[str, Any] = {}
     if "hf" in baselines:
         runners["hf"] = HFGenerateRunner(args, out_lens, model_dir)
@@ -332,22 +334,24 @@ def build_runners(args: argparse.Namespace, baselines: list[str], out_lens: list
 
 
 def measure(runners: list[Any], prompts: list[list[int]], out_lens: list[int],
-            repeats: int) -> list[Result]:
+            repeats: int, warmup_prompts: int | None = None) -> list[Result]:
     """Alternates the runners `repeats` times, so drift in machine speed hits both alike.
 
-    Each side first runs the whole workload once untimed: the first pass at full size grows the
-    allocator's pools and picks matmul algorithms for the large shapes, which is start-up cost.
+    Each side first runs the workload (or its first `warmup_prompts` prompts) once untimed: the
+    first pass at full size grows the allocator's pools and picks matmul algorithms for the large
+    shapes, which is start-up cost.
     """
+    k = len(prompts) if warmup_prompts is None else min(warmup_prompts, len(prompts))
     for runner in runners:
-        print(f"warm-up {runner.name}", flush=True)
-        runner.run(prompts, show_progress=False)
+        print(f"warm-up {runner.name} ({k} prompts)", flush=True)
+        runner.run(prompts[:k], out_lens[:k], show_progress=False)
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     produced: dict[str, int] = {}
     for rep in range(repeats):
         for runner in runners:
             _sync(runner.device)
             t0 = time.perf_counter()
-            produced[runner.name] = runner.run(prompts, show_progress=rep == 0)
+            produced[runner.name] = runner.run(prompts, out_lens, show_progress=rep == 0)
             _sync(runner.device)
             times[runner.name].append(time.perf_counter() - t0)
             print(f"run {rep + 1}/{repeats} {runner.name}: {times[runner.name][-1]:.2f} s",
@@ -547,6 +551,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="hf_batch: share of free GPU memory its paged KV cache may take "
                         f"(default: transformers' own, or {SHARED_HF_BATCH_KV_FRACTION} when the "
                         "hf baseline also runs and needs the rest)")
+    p.add_argument("--warmup-prompts", type=int, default=None,
+                   help="untimed warm-up on the first N prompts (default: the whole workload)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each side, alternating; the median is reported")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
@@ -599,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.random_range_ratio, cfg.vocab_size, args.seed,
                                       args.input_len_range, args.output_len_range)
     runners = build_runners(args, args.baseline, out_lens, model_dir)
-    results = measure(runners, prompts, out_lens, args.repeats)
+    results = measure(runners, prompts, out_lens, args.repeats, args.warmup_prompts)
     rl = None
     if args.roofline:
         dtype = resolve_dtype(args.dtype, cfg, runners[0].device)
