@@ -30,7 +30,9 @@ import triton.language as tl
 # Keys per inner-loop tile. Larger tiles mean fewer, longer loads per program.
 TILE_N = 64
 MIN_BLOCK_M = 16  # the smallest tile tensor cores take
-MAX_KV_SPLITS = 16
+MAX_KV_SPLITS = 64
+# Enough programs to keep every SM streaming with a few in flight each.
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -176,7 +178,7 @@ def choose_num_kv_splits(num_seqs: int, num_kv_heads: int, max_query_len: int,
     programs = num_seqs * num_kv_heads
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     splits = 1
-    while splits < MAX_KV_SPLITS and programs * splits < 2 * sms:
+    while splits < MAX_KV_SPLITS and programs * splits < PROGRAMS_PER_SM * sms:
         splits *= 2
     return splits
 

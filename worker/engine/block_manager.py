@@ -117,6 +117,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._req_blocks: dict[str, list[KVBlock]] = {}
+        # The same tables as plain ids, kept in step with _req_blocks: the runner reads them
+        # every step, and rebuilding them would cost a list per request per step.
+        self._req_block_ids: dict[str, list[int]] = {}
         self._num_registered: dict[str, int] = {}
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
@@ -130,7 +133,8 @@ class KVCacheManager:
         return self.pool.num_free_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._req_blocks.get(request_id, ())]
+        """The request's block table; read-only for callers, valid until the next allocation."""
+        return self._req_block_ids.get(request_id, [])
 
     def uses_cache(self, req: Request) -> bool:
         return self.enable_prefix_caching or req.parent_id is not None
@@ -195,13 +199,17 @@ class KVCacheManager:
         if not self.can_allocate(req, num_new_tokens, computed):
             return False
         blocks = self._req_blocks.setdefault(req.request_id, [])
+        ids = self._req_block_ids.setdefault(req.request_id, [])
         if computed:
             self.pool.touch(computed)
             blocks.extend(computed)
+            ids.extend(b.block_id for b in computed)
             self._num_registered[req.request_id] = len(blocks)
         missing = self._num_blocks_for(req, num_new_tokens, computed) - len(blocks)
         if missing > 0:
-            blocks.extend(self.pool.allocate(missing))
+            new = self.pool.allocate(missing)
+            blocks.extend(new)
+            ids.extend(b.block_id for b in new)
         return True
 
     def cache_computed_blocks(self, req: Request) -> None:
@@ -222,6 +230,7 @@ class KVCacheManager:
 
     def free(self, req: Request) -> None:
         blocks = self._req_blocks.pop(req.request_id, [])
+        self._req_block_ids.pop(req.request_id, None)
         self._num_registered.pop(req.request_id, None)
         # Tail blocks are the least likely to be shared: queue them for reuse first.
         self.pool.release(reversed(blocks))

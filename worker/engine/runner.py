@@ -146,16 +146,21 @@ class ModelRunner:
         width = max(len(s.block_ids) for s in out.scheduled)
         block_table = np.zeros((num_seqs, width), dtype=np.int32)
         input_ids: list[int] = []
-        pos_chunks, slot_chunks = [], []
+        positions: list[int] = []
+        slots: list[int] = []
         query_lens, seq_lens, sample_rows = [], [], []
         for i, s in enumerate(out.scheduled):
-            req, start, n = s.request, s.start, s.num_new_tokens
-            table = np.asarray(s.block_ids, dtype=np.int64)
+            req, start, n, table = s.request, s.start, s.num_new_tokens, s.block_ids
             block_table[i, :len(table)] = table
-            input_ids += req.all_token_ids[start:start + n]
-            pos = np.arange(start, start + n, dtype=np.int64)
-            pos_chunks.append(pos)
-            slot_chunks.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:  # decode rows dominate: plain ints beat numpy calls on one element
+                input_ids.append(req.all_token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids += req.all_token_ids[start:start + n]
+                pos = np.arange(start, start + n, dtype=np.int64)
+                positions += pos.tolist()
+                slots += (np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist()
             query_lens.append(n)
             seq_lens.append(start + n)
             if s.samples:
@@ -164,7 +169,8 @@ class ModelRunner:
         np.cumsum(query_lens, out=query_start[1:])
         return StepInputs(
             input_ids=np.asarray(input_ids, dtype=np.int64),
-            positions=np.concatenate(pos_chunks), slot_mapping=np.concatenate(slot_chunks),
+            positions=np.asarray(positions, dtype=np.int64),
+            slot_mapping=np.asarray(slots, dtype=np.int64),
             query_start_loc=query_start, seq_lens=np.asarray(seq_lens, dtype=np.int32),
             block_table=block_table, query_lens=query_lens, sample_rows=sample_rows)
 
