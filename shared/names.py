@@ -1,0 +1,62 @@
+"""Every Redis key, stream, group and channel Sluice uses, built in one place.
+
+Keys of one model share the hash tag `{model}`, so a model's stream, records and dead letters live
+on one shard of a Redis Cluster and multi-key commands on them stay legal.
+"""
+
+from __future__ import annotations
+
+PREFIX = "sluice"
+WORKER_GROUP = "workers"  # consumer group of every model queue
+JOB_FIELD = "job"  # the stream entry field that holds a job's JSON
+
+
+def _tag(model: str) -> str:
+    return f"{PREFIX}:{{{model}}}"
+
+
+def queue(model: str) -> str:
+    """Stream of jobs for one model, read by the workers' consumer group."""
+    return f"{_tag(model)}:q"
+
+
+def dead_letters(model: str) -> str:
+    """Stream of jobs that failed on every delivery."""
+    return f"{_tag(model)}:dead"
+
+
+def request_record(model: str, request_id: str) -> str:
+    """Hash-free JSON record of a finished request (final text, tokens, usage), with a TTL."""
+    return f"{_tag(model)}:req:{request_id}"
+
+
+def cancelled(model: str, request_id: str) -> str:
+    """Marks a request cancelled, so a worker that picks it up later drops it unrun."""
+    return f"{_tag(model)}:cancelled:{request_id}"
+
+
+def cancel_channel(model: str) -> str:
+    """Pub/sub channel on which gateways ask a model's workers to drop a request."""
+    return f"{_tag(model)}:cancel"
+
+
+def gateway_channel(gateway_id: str) -> str:
+    """Pub/sub channel one gateway reads every reply on."""
+    return f"{PREFIX}:gw:{gateway_id}"
+
+
+def worker_heartbeat(worker_id: str) -> str:
+    return f"{PREFIX}:w:{worker_id}"
+
+
+WORKER_HEARTBEAT_PATTERN = f"{PREFIX}:w:*"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    """Maps a client's Idempotency-Key to the request it created."""
+    return f"{PREFIX}:idem:{tenant}:{key}"
+
+
+def job_index(request_id: str) -> str:
+    """Which model an async job belongs to, so GET /v1/jobs/{id} finds its record."""
+    return f"{PREFIX}:job:{request_id}"
