@@ -12,8 +12,14 @@ DESCRIPTION = """\
 Sluice: self-hosted, OpenAI-compatible LLM serving.
 
 Commands:
+  up         run the whole service here: Redis, a worker and the OpenAI-compatible gateway
+  gateway    run the gateway alone (needs a Redis and workers)
+  worker     run one worker alone (needs a Redis)
   generate   run prompts through the engine in this process and print the completions
   model      make the built-in models (e.g. `sluice model tiny DIR`)
+
+Settings come from flags, else from SLUICE_* environment variables (e.g. SLUICE_REDIS_URL,
+SLUICE_API_KEYS), else from defaults.
 
 Run `sluice COMMAND --help` for the options of each command.
 """
@@ -24,12 +30,95 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="sluice", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_up(sub)
+    _add_gateway(sub)
+    _add_worker(sub)
     _add_generate(sub)
     _add_model(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
+
+
+def _given(args: argparse.Namespace, *fields: str) -> dict[str, object]:
+    """Flags the user set, so unset ones fall through to SLUICE_* variables and defaults."""
+    return {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+
+
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "up", help="run Redis, a worker and the gateway on this machine",
+        description="Start the whole service on embedded defaults: a private Redis (AOF on, in "
+                    "--data-dir) unless --redis-url is given, one worker with --model (the "
+                    "built-in tiny model by default; on the CPU when there is no GPU), and the "
+                    "gateway. Prints the URL and API key; Ctrl-C stops everything.")
+    p.add_argument("--host", help="gateway bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gateway port (default 8000)")
+    p.add_argument("--model", help="'tiny', a local Hugging Face model folder, or a hub id")
+    p.add_argument("--api-key", help="API key clients must send (default: a random one)")
+    p.add_argument("--redis-url", help="use this Redis instead of starting one")
+    p.add_argument("--data-dir", help="where the embedded Redis keeps its data")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.set_defaults(func=_up)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from infra.up import run_up
+    from shared.settings import UpSettings, load_settings
+
+    settings = load_settings(UpSettings, **_given(args, "host", "port", "model", "api_key",
+                                                  "redis_url", "data_dir", "device"))
+    return run_up(settings)
+
+
+def _add_gateway(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gateway", help="run the OpenAI-compatible gateway",
+                       description="Serve /v1/chat/completions, /v1/completions, /v1/models, "
+                                   "/v1/jobs, /health and /metrics, queueing work on Redis. API "
+                                   "keys come from SLUICE_API_KEYS (comma-separated).")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--redis-url")
+    p.set_defaults(func=_gateway)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from shared.settings import GatewaySettings, load_settings
+
+    settings = load_settings(GatewaySettings, **_given(args, "host", "port", "redis_url"))
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level="warning", timeout_graceful_shutdown=5)
+    return 0
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run one GPU (or CPU) worker",
+                       description="Load a model, then serve jobs from its Redis stream until "
+                                   "SIGTERM or Ctrl-C, which drains: no new jobs, finish the "
+                                   "running ones, exit.")
+    p.add_argument("--model")
+    p.add_argument("--served-model-name")
+    p.add_argument("--redis-url")
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    p.add_argument("--load-format")
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--worker-id")
+    p.set_defaults(func=_worker)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from shared.settings import WorkerSettings, load_settings
+    from worker.service import serve
+
+    serve(load_settings(WorkerSettings, **_given(
+        args, "model", "served_model_name", "redis_url", "device", "dtype", "load_format",
+        "max_num_seqs", "worker_id")))
+    return 0
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:

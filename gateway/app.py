@@ -1,0 +1,404 @@
+"""The OpenAI-compatible gateway: validate, queue on Redis Streams, stream replies back.
+
+The gateway holds no model and no tokenizer. A request becomes a `Job` on its model's stream; the
+worker that takes it publishes events on this gateway's reply channel, which one subscription
+demultiplexes by request id.
+"""
+
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from gateway import metrics
+from gateway.errors import error_response, install_error_handlers, sse_error_event, validate_request
+from gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_completion_response,
+    chat_event_chunks,
+    completion_chunk,
+    completion_response,
+    completions_from_events,
+    stream_include_usage,
+    to_job,
+    usage_chunk,
+)
+from gateway.replies import Progress, ReplyRouter
+from shared import names
+from shared.errors import (
+    AuthenticationError,
+    BadRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+    RequestTimeoutError,
+    SluiceError,
+    error_from_type,
+)
+from shared.messages import Cancel, CompletionRecord, Event, Job, RequestRecord, Usage
+from shared.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+class JobRequest(BaseModel):
+    """POST /v1/jobs: one request run in the background, read back with GET /v1/jobs/{id}."""
+
+    model_config = ConfigDict(extra="forbid")
+    endpoint: str  # "/v1/chat/completions" or "/v1/completions"
+    body: dict[str, Any]
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state["redis"] = aioredis.from_url(settings.redis_url)
+        state["router"] = ReplyRouter(state["redis"], names.gateway_channel(settings.gateway_id))
+        await state["router"].start()
+        log.info("gateway %s on reply channel %s, Redis %s", settings.gateway_id,
+                 state["router"].channel, settings.redis_url)
+        yield
+        await state["router"].stop()
+        await state["redis"].aclose()
+
+    app = FastAPI(title="Sluice", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible LLM serving over Redis Streams.")
+    install_error_handlers(app)
+    keys = {k: hashlib.sha256(k.encode()).hexdigest()[:12] for k in settings.api_keys}
+
+    async def tenant(authorization: Annotated[str | None, Header()] = None) -> str:
+        if settings.allow_unauthenticated and not keys:
+            return "open"
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if token not in keys:
+            raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer KEY'")
+        return keys[token]
+
+    Tenant = Annotated[str, Depends(tenant)]
+
+    @app.middleware("http")
+    async def limit_body_and_count(request: Request, call_next: Any) -> Response:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
+            return error_response(PayloadTooLargeError(
+                f"request body is {size} bytes; the limit is {settings.max_body_bytes}"))
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        metrics.observe_http(request.url.path, request.method, response.status_code,
+                             time.perf_counter() - t0)
+        return response
+
+    async def served_models() -> list[str]:
+        if settings.models:
+            return list(settings.models)
+        found: set[str] = set()
+        redis = state["redis"]
+        async for key in redis.scan_iter(match=names.WORKER_HEARTBEAT_PATTERN):
+            beat = await redis.get(key)
+            if beat:
+                found.add(json.loads(beat)["model"])
+        return sorted(found)
+
+    async def check_model(model: str) -> None:
+        if model not in await served_models():
+            raise NotFoundError(f"model {model!r} is not served here; GET /v1/models lists them",
+                                param="model")
+
+    async def admit(model: str) -> None:
+        depth = await state["redis"].xlen(names.queue(model))
+        # XLEN counts acknowledged entries too until trimmed; the group's lag is the true backlog.
+        if depth >= settings.queue_cap:
+            lag = await _group_lag(state["redis"], model)
+            if lag >= settings.queue_cap:
+                raise RateLimitError(f"model {model!r} has {lag} requests queued; retry shortly",
+                                     retry_after_s=1)
+
+    async def enqueue(job: Job) -> None:
+        await state["redis"].xadd(names.queue(job.model), {names.JOB_FIELD: job.model_dump_json()})
+        metrics.requests_queued(job.model)
+
+    async def cancel(model: str, req_id: str) -> None:
+        await state["redis"].set(names.cancelled(model, req_id), 1, ex=settings.record_ttl_s)
+        await state["redis"].publish(names.cancel_channel(model),
+                                     Cancel(req_id=req_id).model_dump_json())
+
+    async def remember_idempotent(tenant_id: str, key: str | None, req_id: str,
+                                  model: str) -> str | None:
+        """Returns the earlier request's id if this key was used before, else claims it."""
+        if not key:
+            return None
+        value = json.dumps({"id": req_id, "model": model})
+        claimed = await state["redis"].set(names.idempotency(tenant_id, key), value, nx=True,
+                                           ex=settings.idempotency_ttl_s)
+        if claimed:
+            return None
+        earlier = await state["redis"].get(names.idempotency(tenant_id, key))
+        return json.loads(earlier)["id"] if earlier else None
+
+    async def read_record(model: str, req_id: str) -> RequestRecord | None:
+        raw = await state["redis"].get(names.request_record(model, req_id))
+        return RequestRecord.model_validate_json(raw) if raw else None
+
+    async def wait_record(model: str, req_id: str, deadline: float) -> RequestRecord:
+        while time.time() < deadline:
+            record = await read_record(model, req_id)
+            if record is not None:
+                return record
+            await asyncio.sleep(0.05)
+        raise RequestTimeoutError("the request did not finish within the gateway's timeout")
+
+    async def run(req: ChatCompletionRequest | CompletionRequest, kind: str, tenant_id: str,
+                  idempotency_key: str | None) -> Response:
+        await check_model(req.model)
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        req_id = getattr(req, "request_id", None) or f"{prefix}-{uuid.uuid4().hex}"
+        deadline = time.time() + settings.request_timeout_s
+        earlier = await remember_idempotent(tenant_id, idempotency_key, req_id, req.model)
+        if earlier is not None:  # same request again: the first one's result, never a rerun
+            record = await wait_record(req.model, earlier, deadline)
+            if record.status != "completed":
+                raise error_from_type(record.error_type, record.error or f"request {record.status}")
+            return JSONResponse(_respond(kind, earlier, record.model, record.completions,
+                                         record.usage, int(record.created)))
+        await admit(req.model)
+        router: ReplyRouter = state["router"]
+        job = to_job(req, model=req.model, request_id=req_id, tenant=tenant_id,
+                     reply_channel=router.channel, deadline=deadline)
+        queue = router.register(req_id)
+        try:
+            await enqueue(job)
+        except Exception:
+            router.unregister(req_id)
+            raise
+        if req.stream:
+            return StreamingResponse(stream(req, kind, job, queue, deadline),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": req_id})
+        return JSONResponse(await collect(req, kind, job, queue, deadline),
+                            headers={"X-Request-Id": req_id})
+
+    async def next_event(queue: asyncio.Queue[Event], deadline: float,
+                         timeout_s: float) -> Event | None:
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            raise RequestTimeoutError("the request did not finish within the gateway's timeout")
+        try:
+            return await asyncio.wait_for(queue.get(), timeout=min(timeout_s, remaining))
+        except TimeoutError:
+            return None
+
+    async def collect(req: Any, kind: str, job: Job, queue: asyncio.Queue[Event],
+                      deadline: float) -> dict[str, Any]:
+        progress = Progress(job.sampling.get("n", 1))
+        events: list[Event] = []
+        finished = False
+        t0 = time.perf_counter()
+        try:
+            while not progress.done:
+                ev = await next_event(queue, deadline, settings.keepalive_s)
+                if ev is None:
+                    continue
+                if ev.error is not None:
+                    raise _worker_error(ev)
+                if progress.accept(ev):
+                    events.append(ev)
+            finished = True
+        finally:
+            state["router"].unregister(job.id)
+            if not finished:
+                await cancel(job.model, job.id)
+        metrics.observe_finished(job.model, events, time.perf_counter() - t0)
+        completions, usage = completions_from_events(events)
+        return _respond(kind, job.id, job.model, completions, usage, int(job.created))
+
+    async def stream(req: Any, kind: str, job: Job, queue: asyncio.Queue[Event],
+                     deadline: float) -> AsyncIterator[str]:
+        progress = Progress(job.sampling.get("n", 1))
+        finished = False
+        t0 = time.perf_counter()
+        first: dict[int, bool] = {}
+        usage = None
+        clock = metrics.StreamClock(job.model)
+        seen: list[Event] = []
+        offsets: dict[int, int] = {}
+        try:
+            while not progress.done:
+                try:
+                    ev = await next_event(queue, deadline, settings.keepalive_s)
+                except SluiceError as e:
+                    yield sse_error_event(e)
+                    finished = True
+                    return
+                if ev is None:
+                    yield ": keep-alive\n\n"  # the job may wait in Redis for a worker
+                    continue
+                if ev.error is not None:
+                    yield sse_error_event(_worker_error(ev))
+                    finished = True
+                    return
+                if not progress.accept(ev):
+                    continue
+                clock.tick()
+                seen.append(ev)
+                usage = ev.usage or usage
+                for chunk in _stream_chunks(ev, kind, job, offsets, first=not first.get(ev.index)):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                first[ev.index] = True
+            if usage is not None and stream_include_usage(req):
+                chunk = usage_chunk(kind=kind, request_id=job.id, model=job.model,  # type: ignore[arg-type]
+                                    created=int(job.created), usage=usage)
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+            finished = True
+            metrics.observe_finished(job.model, seen, time.perf_counter() - t0)
+        finally:
+            state["router"].unregister(job.id)
+            if not finished:  # the client went away: free the worker's slot now
+                await cancel(job.model, job.id)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, tenant_id: Tenant,
+                               idempotency_key: Annotated[str | None, Header()] = None) -> Response:
+        return await run(req, "chat", tenant_id, idempotency_key)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, tenant_id: Tenant,
+                          idempotency_key: Annotated[str | None, Header()] = None) -> Response:
+        return await run(req, "completion", tenant_id, idempotency_key)
+
+    @app.post("/v1/jobs", status_code=202)
+    async def create_job(body: JobRequest, tenant_id: Tenant,
+                         idempotency_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+        kind, model_cls = _job_kind(body.endpoint)
+        req = validate_request(model_cls, body.body)
+        if req.stream:
+            raise BadRequestError("a background job cannot stream; drop 'stream'", param="stream")
+        await check_model(req.model)
+        req_id = f"job-{uuid.uuid4().hex}"
+        earlier = await remember_idempotent(tenant_id, idempotency_key, req_id, req.model)
+        if earlier is not None:
+            return JSONResponse(_job_view(earlier, req.model, "queued", None), status_code=202)
+        await admit(req.model)
+        job = to_job(req, model=req.model, request_id=req_id, tenant=tenant_id,
+                     reply_channel=None, deadline=None)
+        await state["redis"].set(names.job_index(req_id),
+                                 json.dumps({"model": req.model, "kind": kind,
+                                             "tenant": tenant_id, "body": body.body}),
+                                 ex=settings.record_ttl_s)
+        await enqueue(job)
+        return JSONResponse(_job_view(req_id, req.model, "queued", None), status_code=202)
+
+    async def job_meta(job_id: str, tenant_id: str) -> dict[str, Any]:
+        raw = await state["redis"].get(names.job_index(job_id))
+        meta = json.loads(raw) if raw else None
+        if meta is None or meta["tenant"] != tenant_id:
+            raise NotFoundError(f"no job {job_id!r}", param="id")
+        return meta
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, tenant_id: Tenant) -> JSONResponse:
+        meta = await job_meta(job_id, tenant_id)
+        record = await read_record(meta["model"], job_id)
+        if record is None:
+            cancelled = await state["redis"].exists(names.cancelled(meta["model"], job_id))
+            return JSONResponse(_job_view(job_id, meta["model"],
+                                          "cancelling" if cancelled else "queued_or_running", None))
+        result = None
+        if record.status == "completed":
+            result = _respond(meta["kind"], job_id, record.model, record.completions, record.usage,
+                              int(record.created))
+        view = _job_view(job_id, meta["model"], record.status, result)
+        if record.error:
+            view["error"] = {"message": record.error, "type": record.error_type or "server_error"}
+        return JSONResponse(view)
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def delete_job(job_id: str, tenant_id: Tenant) -> JSONResponse:
+        meta = await job_meta(job_id, tenant_id)
+        await cancel(meta["model"], job_id)
+        return JSONResponse(_job_view(job_id, meta["model"], "cancelling", None))
+
+    @app.get("/v1/models")
+    async def list_models(tenant_id: Tenant) -> dict[str, Any]:
+        now = int(time.time())
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": now, "owned_by": "sluice"}
+            for m in await served_models()]}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        await state["redis"].ping()
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+async def _group_lag(redis: aioredis.Redis, model: str) -> int:
+    try:
+        groups = await redis.xinfo_groups(names.queue(model))
+    except Exception:
+        return 0
+    for g in groups:
+        if g.get("name") in (names.WORKER_GROUP, names.WORKER_GROUP.encode()):
+            lag = g.get("lag")
+            if lag is not None:  # Redis 7 reports it; on 6.2 fall back to the stream length
+                return int(lag) + int(g.get("pending", 0))
+            return int(await redis.xlen(names.queue(model)))
+    return int(await redis.xlen(names.queue(model)))
+
+
+def _job_kind(endpoint: str) -> tuple[str, Any]:
+    if endpoint.rstrip("/") == "/v1/chat/completions":
+        return "chat", ChatCompletionRequest
+    if endpoint.rstrip("/") == "/v1/completions":
+        return "completion", CompletionRequest
+    raise BadRequestError("endpoint must be /v1/chat/completions or /v1/completions",
+                          param="endpoint")
+
+
+def _job_view(job_id: str, model: str, status: str, result: Any) -> dict[str, Any]:
+    return {"id": job_id, "object": "job", "model": model, "status": status, "result": result}
+
+
+def _respond(kind: str, req_id: str, model: str, completions: list[CompletionRecord],
+             usage: Usage | None, created: int) -> dict[str, Any]:
+    build = chat_completion_response if kind == "chat" else completion_response
+    return build(request_id=req_id, model=model, completions=completions, usage=usage,
+                 created=created)
+
+
+def _stream_chunks(ev: Event, kind: str, job: Job, offsets: dict[int, int],
+                   first: bool) -> list[dict[str, Any]]:
+    created = int(job.created)
+    if kind == "chat":
+        return chat_event_chunks(ev, request_id=job.id, model=job.model, created=created,
+                                 first=first)
+    offset = offsets.get(ev.index, 0)
+    offsets[ev.index] = offset + len(ev.text)
+    return [completion_chunk(request_id=job.id, model=job.model, created=created,
+                             index=ev.index, text=ev.text, logprobs=ev.logprobs,
+                             text_offset=offset, finish_reason=ev.finish_reason,
+                             stop_reason=ev.stop_reason)]
+
+
+def _worker_error(ev: Event) -> SluiceError:
+    return error_from_type(ev.error_type, ev.error or "the worker failed this request")

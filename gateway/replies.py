@@ -1,0 +1,87 @@
+"""This gateway's one reply channel, demultiplexed to the requests waiting on it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from shared.messages import Event, Reply
+
+log = logging.getLogger(__name__)
+
+
+class ReplyRouter:
+    """Subscribes once to `channel` and hands each event to the queue of its request."""
+
+    def __init__(self, redis: aioredis.Redis, channel: str) -> None:
+        self.redis = redis
+        self.channel = channel
+        self._queues: dict[str, asyncio.Queue[Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._subscribed.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def register(self, req_id: str) -> asyncio.Queue[Event]:
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        self._queues[req_id] = q
+        return q
+
+    def unregister(self, req_id: str) -> None:
+        self._queues.pop(req_id, None)
+
+    async def _run(self) -> None:
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(self.channel)
+        self._subscribed.set()
+        async for message in pubsub.listen():
+            if message.get("type") != "message":
+                continue
+            try:
+                reply = Reply.model_validate_json(message["data"])
+            except Exception as e:
+                log.error("dropping a malformed reply: %s", e)
+                continue
+            for event in reply.events:
+                q = self._queues.get(event.req_id)
+                if q is not None:
+                    q.put_nowait(event)
+
+
+@dataclass
+class Progress:
+    """Per-completion sequence tracking: drops duplicates, notes gaps, knows when all ended."""
+
+    n: int
+    next_seq: list[int] = field(default_factory=list)
+    finish: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.next_seq = [0] * self.n
+        self.finish = [None] * self.n
+
+    def accept(self, ev: Event) -> bool:
+        if ev.index >= self.n:
+            return False
+        if ev.token_ids and ev.seq < self.next_seq[ev.index]:
+            return False  # a redelivery of tokens already passed on
+        if ev.seq > self.next_seq[ev.index]:
+            log.warning("request %s completion %d: tokens %d..%d never arrived", ev.req_id,
+                        ev.index, self.next_seq[ev.index], ev.seq - 1)
+        self.next_seq[ev.index] = ev.seq + len(ev.token_ids)
+        if ev.finish_reason is not None:
+            self.finish[ev.index] = ev.finish_reason
+        return True
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)

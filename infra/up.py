@@ -1,0 +1,134 @@
+"""`sluice up`: the whole service on one machine, on embedded defaults.
+
+Starts a private Redis (AOF on, in the data directory) unless a Redis URL is given, one worker
+with the chosen model, and the gateway; waits until both are ready; prints how to reach them;
+stops everything on Ctrl-C, the worker by draining.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from shared import names
+from shared.redis_server import RedisServer
+from shared.settings import UpSettings, new_api_key
+
+log = logging.getLogger("sluice.up")
+
+
+class Launcher:
+    def __init__(self, settings: UpSettings) -> None:
+        self.settings = settings
+        self.api_key = settings.api_key or new_api_key()
+        self.redis_server: RedisServer | None = None
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host
+        return f"http://{host}:{self.settings.port}"
+
+    def start(self) -> None:
+        s = self.settings
+        data_dir = Path(s.data_dir).expanduser()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        redis_url = s.redis_url
+        if redis_url is None:
+            self.redis_server = RedisServer(data_dir=data_dir / "redis", appendonly=True)
+            self.redis_server.start()
+            redis_url = self.redis_server.url
+            log.info("started Redis at %s (data in %s)", redis_url, data_dir / "redis")
+        env = {**os.environ, "SLUICE_REDIS_URL": redis_url}
+        cli = [sys.executable, "-m", "infra.cli"]
+        self.procs["worker"] = subprocess.Popen(
+            [*cli, "worker", "--model", s.model, "--device", s.device], env=env,
+            start_new_session=True)
+        self.procs["gateway"] = subprocess.Popen(
+            [*cli, "gateway", "--host", s.host, "--port", str(s.port)],
+            env={**env, "SLUICE_API_KEYS": self.api_key}, start_new_session=True)
+        self._wait_ready(redis_url)
+
+    def _wait_ready(self, redis_url: str, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis.from_url(redis_url)
+        gateway_up = worker_up = False
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the {name} exited with code {proc.returncode} during start")
+            if not gateway_up:
+                with contextlib.suppress(httpx.HTTPError):
+                    gateway_up = httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
+            if not worker_up:
+                for key in client.scan_iter(match=names.WORKER_HEARTBEAT_PATTERN):
+                    beat = client.get(key)
+                    if beat and json.loads(beat).get("state") == "ready":
+                        worker_up = True
+            if gateway_up and worker_up:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the service was not ready after {timeout_s:.0f} s")
+
+    def banner(self) -> str:
+        model = Path(self.settings.model).name  # the worker's default served name
+        return (
+            f"\nSluice is up at {self.base_url}/v1  (model: {model})\n"
+            f"API key: {self.api_key}\n\n"
+            f"  curl {self.base_url}/v1/chat/completions \\\n"
+            f"    -H 'Authorization: Bearer {self.api_key}' -H 'Content-Type: application/json' \\\n"
+            f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+            f"\"content\": \"Hello\"}}], \"max_tokens\": 16}}'\n\n"
+            f"Press Ctrl-C to stop.\n")
+
+    def wait(self) -> int:
+        """Blocks until Ctrl-C or until a part dies; returns the exit code."""
+        try:
+            while True:
+                for name, proc in self.procs.items():
+                    if proc.poll() is not None:
+                        log.error("the %s exited with code %s; stopping", name, proc.returncode)
+                        return 1
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return 0
+
+    def stop(self) -> None:
+        gateway = self.procs.get("gateway")
+        if gateway is not None and gateway.poll() is None:
+            gateway.terminate()
+        worker = self.procs.get("worker")
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # drains: finishes what it runs, then exits
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                log.warning("the %s did not stop in 30 s; killing it", name)
+                proc.kill()
+        if self.redis_server is not None:
+            self.redis_server.stop()
+        log.info("stopped")
+
+
+def run_up(settings: UpSettings) -> int:
+    launcher = Launcher(settings)
+    # Children run in their own sessions, so Ctrl-C reaches only this process, which stops
+    # them in order: gateway first, then the worker by draining, then Redis.
+    try:
+        launcher.start()
+        print(launcher.banner(), flush=True)
+        return launcher.wait()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        launcher.stop()

@@ -1,0 +1,115 @@
+"""The engine core in a process of its own: commands in, one result per step out.
+
+The worker's Redis front (tokenizing, detokenizing, publishing) runs in another process, so Python
+work there never stalls the step loop here, and this loop never waits on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.engine.engine import EngineOutput, EngineStats
+from worker.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+
+
+@dataclass
+class Abort:
+    request_ids: list[str]
+
+
+@dataclass
+class StopCompletion:
+    request_id: str
+    index: int
+    stop_reason: str
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+@dataclass
+class Ready:
+    max_model_len: int
+    vocab_size: int
+    stats: EngineStats
+
+
+@dataclass
+class Rejected:
+    request_id: str
+    message: str
+
+
+@dataclass
+class StepResult:
+    outputs: list[EngineOutput]
+    stats: EngineStats
+    rejected: list[Rejected] = field(default_factory=list)
+    step_s: float = 0.0
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue) -> None:
+    """Process entry point: builds the engine, then steps while there is work."""
+    from worker.engine.config import EngineConfig
+    from worker.engine.engine import Engine
+    from worker.engine.errors import InvalidRequestError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = EngineConfig(**engine_args.pop("config"))
+        engine = Engine(config=config, **engine_args)
+    except Exception as e:  # the front reports it and exits
+        log.exception("engine failed to start")
+        results.put(Failed(f"{type(e).__name__}: {e}"))
+        return
+    results.put(Ready(engine.max_model_len, engine.vocab_size, engine.stats()))
+    while True:
+        rejected: list[Rejected] = []
+        outputs: list[EngineOutput] = []
+        # Idle: block for the next command instead of spinning.
+        pending = [] if engine.has_unfinished_requests() else [commands.get()]
+        while True:
+            try:
+                pending.append(commands.get_nowait())
+            except queue.Empty:
+                break
+        for cmd in pending:
+            if isinstance(cmd, Shutdown):
+                return
+            if isinstance(cmd, AddRequest):
+                try:
+                    engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
+                                       priority=cmd.priority)
+                except InvalidRequestError as e:
+                    rejected.append(Rejected(cmd.request_id, str(e)))
+            elif isinstance(cmd, Abort):
+                outputs += engine.abort(cmd.request_ids)
+            elif isinstance(cmd, StopCompletion):
+                engine.stop_completion(cmd.request_id, cmd.index, cmd.stop_reason)
+        t0 = time.perf_counter()
+        if engine.has_unfinished_requests():
+            outputs += engine.step()
+        if outputs or rejected or pending:
+            results.put(StepResult(outputs, engine.stats(), rejected, time.perf_counter() - t0))

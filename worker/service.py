@@ -1,0 +1,360 @@
+"""The worker's Redis front: jobs from the model's stream into the engine, tokens out by pub/sub.
+
+Jobs are read (XREADGROUP) only while the engine has room, so unstarted work stays in Redis where
+any worker can take it. Each engine step becomes one PUBLISH per reply channel carrying every
+event for that channel. A request's record is written before its job is acknowledged, so a worker
+that dies mid-request leaves the job pending for another worker to claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from shared import names
+from shared.messages import (
+    Cancel,
+    CompletionRecord,
+    Event,
+    Job,
+    Reply,
+    RequestRecord,
+    Usage,
+)
+from shared.settings import WorkerSettings
+from worker.core_process import (
+    Abort,
+    AddRequest,
+    Failed,
+    Ready,
+    Shutdown,
+    StepResult,
+    StopCompletion,
+    run_core,
+)
+from worker.engine.engine import EngineStats
+from worker.engine.errors import InvalidRequestError
+from worker.engine.sampling_params import SamplingParams
+from worker.models.registry import resolve_model
+from worker.outputs import CompletionDelta, Logprob, OutputProcessor
+from worker.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Active:
+    job: Job
+    entry_id: str
+    prompt_token_ids: list[int]
+    num_sent: dict[int, int] = field(default_factory=dict)  # tokens published per completion
+
+
+class WorkerService:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.model_dir = resolve_model(settings.model)
+        self.model_name = settings.served_model_name or Path(settings.model).name
+        self.tokenizer = Tokenizer.load(self.model_dir)
+        self.processor = OutputProcessor(self.tokenizer)
+        self.active: dict[str, Active] = {}
+        self.stats: EngineStats | None = None
+        self.state = "starting"
+        self.stream = names.queue(self.model_name)
+        self._ctx = mp.get_context("spawn")
+        self._commands: Any = self._ctx.Queue()
+        self._results: Any = self._ctx.Queue()
+        self._core: Any = None
+        self._step_results: asyncio.Queue[Any] = asyncio.Queue()
+        self._draining = asyncio.Event()
+        self._in_flight_adds = 0
+        self.max_model_len = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.drain)
+        self._start_core()
+        threading.Thread(target=self._pump_results, args=(loop,), daemon=True).start()
+        ready = await self._step_results.get()
+        if isinstance(ready, Failed):
+            raise RuntimeError(f"engine failed to start: {ready.message}")
+        assert isinstance(ready, Ready)
+        self.max_model_len, self.stats = ready.max_model_len, ready.stats
+        self.redis = aioredis.from_url(self.settings.redis_url)
+        await self._ensure_group()
+        self.state = "ready"
+        log.info("worker %s serving %s from %s (queue %s)", self.settings.worker_id,
+                 self.model_name, self.model_dir, self.stream)
+        tasks = [asyncio.create_task(c) for c in (
+            self._pull_loop(), self._result_loop(), self._heartbeat_loop(), self._cancel_loop())]
+        await self._draining.wait()
+        self.state = "draining"
+        await self._heartbeat()
+        log.info("draining: %d requests in flight", len(self.active))
+        while self.active:
+            await asyncio.sleep(0.05)
+        for t in tasks:
+            t.cancel()
+        await self.redis.delete(names.worker_heartbeat(self.settings.worker_id))
+        self._commands.put(Shutdown())
+        self._core.join(timeout=10)
+        await self.redis.aclose()
+        log.info("worker %s stopped", self.settings.worker_id)
+
+    def drain(self) -> None:
+        """Stop reading jobs, finish what is running, exit."""
+        self._draining.set()
+
+    def _start_core(self) -> None:
+        s = self.settings
+        config: dict[str, Any] = {"max_num_seqs": s.max_num_seqs,
+                                  "max_num_batched_tokens": s.max_num_batched_tokens,
+                                  "max_model_len": s.max_model_len}
+        if s.kv_cache_memory_bytes is not None:
+            config["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
+        args = {"model_dir": str(self.model_dir), "device": s.device, "dtype": s.dtype,
+                "load_format": s.load_format, "config": config}
+        self._core = self._ctx.Process(target=run_core, args=(args, self._commands, self._results),
+                                       name="sluice-engine-core", daemon=True)
+        self._core.start()
+
+    def _pump_results(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Thread: moves the core's results onto the event loop."""
+        while True:
+            try:
+                item = self._results.get()
+            except (EOFError, OSError):
+                return
+            loop.call_soon_threadsafe(self._step_results.put_nowait, item)
+
+    async def _ensure_group(self) -> None:
+        try:
+            # From the stream's start: jobs queued before any worker existed must be served.
+            await self.redis.xgroup_create(self.stream, names.WORKER_GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def _has_room(self) -> bool:
+        st = self.stats
+        if st is None:
+            return False
+        waiting = st.num_waiting + self._in_flight_adds
+        free_frac = st.num_free_blocks / max(st.num_total_blocks, 1)
+        return waiting < self.settings.max_waiting and free_frac >= self.settings.min_free_blocks_frac
+
+    async def _pull_loop(self) -> None:
+        while not self._draining.is_set():
+            if not self._has_room():
+                await asyncio.sleep(0.002)
+                continue
+            st = self.stats
+            room = self.settings.max_waiting - (st.num_waiting if st else 0) - self._in_flight_adds
+            resp: Any = await self.redis.xreadgroup(
+                names.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"},
+                count=max(1, min(self.settings.read_batch, room)), block=200)
+            for _, entries in resp or []:
+                for entry_id, fields in entries:
+                    await self._admit(entry_id.decode(), fields)
+
+    async def _admit(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        try:
+            job = Job.model_validate_json(fields[names.JOB_FIELD.encode()])
+        except Exception as e:  # not ours to retry: record nothing, drop it
+            log.error("dropping malformed job %s: %s", entry_id, e)
+            await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
+            return
+        if await self.redis.exists(names.cancelled(self.model_name, job.id)):
+            record = RequestRecord(id=job.id, model=self.model_name, kind=job.kind,
+                                   status="cancelled", created=job.created, finished=time.time())
+            await self._write_record_then_ack(record, entry_id)
+            return
+        if job.deadline is not None and time.time() > job.deadline:
+            await self._fail(job, entry_id, [], "the request's deadline passed before it started",
+                             "timeout")
+            return
+        try:
+            prompt_ids = self._tokenize(job)
+            params = SamplingParams(**job.sampling)
+            if len(prompt_ids) >= self.max_model_len:
+                raise InvalidRequestError(
+                    f"this model's context is {self.max_model_len} tokens and the prompt has "
+                    f"{len(prompt_ids)}", param="messages" if job.kind == "chat" else "prompt")
+        except (InvalidRequestError, ValueError, TypeError) as e:
+            await self._fail(job, entry_id, [], str(e), "invalid_request_error")
+            return
+        self.active[job.id] = Active(job, entry_id, prompt_ids)
+        self.processor.add_request(job.id, job.prompt, prompt_ids, params)
+        self._in_flight_adds += 1
+        self._commands.put(AddRequest(job.id, prompt_ids, params, job.priority))
+
+    def _tokenize(self, job: Job) -> list[int]:
+        if job.kind == "chat":
+            return self.tokenizer.apply_chat_template(
+                job.messages or [], add_generation_prompt=job.add_generation_prompt,
+                **job.chat_template_kwargs)
+        if job.prompt_token_ids is not None:
+            return list(job.prompt_token_ids)
+        return self.tokenizer.encode(job.prompt or "")
+
+    # -- output ----------------------------------------------------------------------------
+
+    async def _result_loop(self) -> None:
+        while True:
+            item = await self._step_results.get()
+            if isinstance(item, Failed):
+                log.error("engine core failed: %s", item.message)
+                self.drain()
+                continue
+            if not isinstance(item, StepResult):
+                continue
+            self.stats = item.stats
+            self._in_flight_adds = 0
+            for rej in item.rejected:
+                active = self.active.get(rej.request_id)
+                if active is not None:
+                    self.processor.pop(rej.request_id)
+                    await self._fail(active.job, active.entry_id, active.prompt_token_ids,
+                                     rej.message, "invalid_request_error")
+            deltas, stops = self.processor.process(item.outputs)
+            for rid, index, stop in stops:
+                self._commands.put(StopCompletion(rid, index, stop))
+            await self._publish(deltas)
+
+    async def _publish(self, deltas: list[CompletionDelta]) -> None:
+        by_channel: dict[str, list[Event]] = {}
+        finished: list[str] = []
+        for d in deltas:
+            active = self.active.get(d.request_id)
+            if active is None:
+                continue
+            seq = active.num_sent.get(d.index, 0)
+            active.num_sent[d.index] = seq + len(d.token_ids)
+            result = self.processor.get(d.request_id)
+            done = result is not None and result.finished
+            event = Event(req_id=d.request_id, index=d.index, seq=seq, text=d.text,
+                          token_ids=d.token_ids, logprobs=self._logprobs(d, active.job),
+                          finish_reason=d.finish_reason, stop_reason=d.stop_reason, error=d.error)
+            if done and d.finish_reason is not None:
+                event.usage = self._usage(result, active)
+            if active.job.reply_channel:
+                by_channel.setdefault(active.job.reply_channel, []).append(event)
+            if done and d.request_id not in finished:
+                finished.append(d.request_id)
+        for channel, events in by_channel.items():
+            await self.redis.publish(channel, Reply(events=events).model_dump_json())
+        for rid in finished:
+            await self._complete(rid)
+
+    def _logprobs(self, d: CompletionDelta, job: Job) -> list[dict[str, Any]] | None:
+        if d.logprobs is None:
+            return None
+        k = int(job.sampling.get("logprobs") or 0)
+        out = []
+        for token_id, entry in zip(d.token_ids, d.logprobs, strict=False):
+            chosen: Logprob = entry[token_id]
+            top = sorted(((lp.decoded_token or "", tid, lp.logprob) for tid, lp in entry.items()
+                          if lp.rank is not None and lp.rank <= k), key=lambda t: -t[2])
+            out.append({"token": chosen.decoded_token or "", "token_id": token_id,
+                        "logprob": chosen.logprob, "top": [list(t) for t in top[:k]]})
+        return out
+
+    async def _complete(self, rid: str) -> None:
+        active = self.active.pop(rid, None)
+        result = self.processor.pop(rid)
+        if active is None or result is None:
+            return
+        reasons = {o.finish_reason for o in result.outputs}
+        status: Literal["completed", "failed", "cancelled"] = (
+            "cancelled" if reasons == {"abort"} else "failed" if "error" in reasons
+            else "completed")
+        record = RequestRecord(
+            id=rid, model=self.model_name, kind=active.job.kind, status=status,
+            created=active.job.created, finished=time.time(),
+            prompt_token_ids=active.prompt_token_ids,
+            completions=[CompletionRecord(index=o.index, text=o.text, token_ids=o.token_ids,
+                                          logprobs=None, finish_reason=o.finish_reason,
+                                          stop_reason=o.stop_reason) for o in result.outputs],
+            usage=self._usage(result, active),
+            error=next((o.error for o in result.outputs if o.error), None))
+        await self._write_record_then_ack(record, active.entry_id)
+
+    def _usage(self, result: Any, active: Active) -> Usage:
+        completion = sum(len(o.token_ids) for o in result.outputs)
+        prompt = len(active.prompt_token_ids)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion, cached_tokens=result.num_cached_tokens)
+
+    async def _fail(self, job: Job, entry_id: str, prompt_ids: list[int], message: str,
+                    error_type: str) -> None:
+        self.active.pop(job.id, None)
+        if job.reply_channel:
+            event = Event(req_id=job.id, seq=0, finish_reason="error", error=message,
+                          error_type=error_type)
+            await self.redis.publish(job.reply_channel, Reply(events=[event]).model_dump_json())
+        record = RequestRecord(id=job.id, model=self.model_name, kind=job.kind, status="failed",
+                               created=job.created, finished=time.time(),
+                               prompt_token_ids=prompt_ids, error=message, error_type=error_type)
+        await self._write_record_then_ack(record, entry_id)
+
+    async def _write_record_then_ack(self, record: RequestRecord, entry_id: str) -> None:
+        # Record first: a crash between the two leaves the job pending, never lost.
+        await self.redis.set(names.request_record(self.model_name, record.id),
+                             record.model_dump_json(), ex=self.settings.record_ttl_s)
+        await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
+
+    # -- control ---------------------------------------------------------------------------
+
+    async def _cancel_loop(self) -> None:
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(names.cancel_channel(self.model_name))
+        async for message in pubsub.listen():
+            if message.get("type") != "message":
+                continue
+            try:
+                cancel = Cancel.model_validate_json(message["data"])
+            except Exception:
+                continue
+            if cancel.req_id in self.active:
+                self._commands.put(Abort([cancel.req_id]))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._heartbeat()
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _heartbeat(self) -> None:
+        st = self.stats
+        beat = {"worker_id": self.settings.worker_id, "model": self.model_name, "state": self.state,
+                "kv_usage": st.kv_cache_usage if st else 0.0,
+                "running": st.num_running if st else 0, "waiting": st.num_waiting if st else 0,
+                "free_blocks": st.num_free_blocks if st else 0,
+                "capacity": self.settings.max_num_seqs, "active": len(self.active),
+                "pid": os.getpid(), "ts": time.time()}
+        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
+        await self.redis.set(names.worker_heartbeat(self.settings.worker_id), json.dumps(beat),
+                             px=ttl_ms)
+        if self.active:  # keep our pending jobs fresh so no live request is claimed away
+            await self.redis.xclaim(self.stream, names.WORKER_GROUP, self.settings.worker_id, 0,
+                                    [a.entry_id for a in self.active.values()], justid=True)
+
+
+def serve(settings: WorkerSettings) -> None:
+    asyncio.run(WorkerService(settings).run())
