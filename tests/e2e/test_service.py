@@ -1,0 +1,223 @@
+"""The service end to end: real Redis, a real worker process, a real gateway process, and the
+official `openai` client as the reference client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+
+from shared import names
+from shared.redis_server import RedisServer, free_port
+from worker import LLM, SamplingParams
+
+API_KEY = "sk-e2e-test"
+
+
+@dataclass
+class Service:
+    base_url: str
+    redis_url: str
+    worker: subprocess.Popen[bytes]
+    gateway: subprocess.Popen[bytes]
+
+    def client(self, **kw: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=API_KEY, max_retries=0, **kw)
+
+    def aclient(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=API_KEY,
+                                  max_retries=0)
+
+    def heartbeat(self) -> dict:
+        r = redis.Redis.from_url(self.redis_url)
+        beats = [json.loads(r.get(k)) for k in r.scan_iter(match=names.WORKER_HEARTBEAT_PATTERN)]
+        return beats[0] if beats else {}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Service]:
+    data = tmp_path_factory.mktemp("service")
+    server = RedisServer(data_dir=data / "redis", appendonly=False).start()
+    port = free_port()
+    env = {**os.environ, "SLUICE_REDIS_URL": server.url, "SLUICE_API_KEYS": API_KEY,
+           "SLUICE_HEARTBEAT_S": "0.2", "SLUICE_HEARTBEAT_TTL_S": "2"}
+    cli = [sys.executable, "-m", "infra.cli"]
+    worker = subprocess.Popen([*cli, "worker", "--model", str(tiny_model_dir),
+                               "--served-model-name", "tiny", "--device", "cpu"], env=env)
+    gateway = subprocess.Popen([*cli, "gateway", "--port", str(port)], env=env)
+    svc = Service(f"http://127.0.0.1:{port}", server.url, worker, gateway)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if svc.heartbeat().get("state") == "ready":
+            try:
+                if httpx.get(f"{svc.base_url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    else:
+        pytest.fail("service did not become ready")
+    yield svc
+    gateway.terminate()
+    worker.terminate()
+    for proc in (gateway, worker):
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model_dir: Path) -> LLM:
+    return LLM(str(tiny_model_dir), device="cpu", kv_cache_memory_bytes=2**24)
+
+
+def test_chat_matches_offline_engine(service: Service, offline: LLM) -> None:
+    messages = [{"role": "user", "content": "What does the scheduler do?"}]
+    reply = service.client().chat.completions.create(
+        model="tiny", messages=messages, max_tokens=24, temperature=0.0)
+    expected = offline.chat(messages, SamplingParams(temperature=0.0, max_tokens=24),
+                            use_tqdm=False)[0].outputs[0]
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage is not None and reply.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_completion_stream_matches_non_stream(service: Service) -> None:
+    client = service.client()
+    whole = client.completions.create(model="tiny", prompt="Paged attention", max_tokens=20,
+                                      temperature=0.0)
+    chunks = list(client.completions.create(model="tiny", prompt="Paged attention",
+                                            max_tokens=20, temperature=0.0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+
+
+def test_n_logprobs_and_stop(service: Service, offline: LLM) -> None:
+    client = service.client()
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, n=2,
+        temperature=1.0, seed=3, logprobs=True, top_logprobs=2)
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice in reply.choices:
+        assert choice.logprobs is not None and len(choice.logprobs.content) == 8
+        assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    full = client.completions.create(model="tiny", prompt="stop here", max_tokens=30,
+                                     temperature=0.0).choices[0].text
+    stop = full[10:13]
+    cut = client.completions.create(model="tiny", prompt="stop here", max_tokens=30,
+                                    temperature=0.0, stop=[stop]).choices[0]
+    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_fifty_concurrent_streams_arrive_whole_and_in_order(service: Service) -> None:
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
+        stream = await client.completions.create(
+            model="tiny", prompt=f"stream number {i}", max_tokens=24, temperature=0.0,
+            stream=True)
+        text = "".join([c.choices[0].text async for c in stream if c.choices])
+        whole = await client.completions.create(model="tiny", prompt=f"stream number {i}",
+                                                max_tokens=24, temperature=0.0)
+        return text, whole.choices[0].text
+
+    async def main() -> list[tuple[str, str]]:
+        client = service.aclient()
+        return await asyncio.gather(*(one(client, i) for i in range(50)))
+
+    results = asyncio.run(main())
+    assert all(streamed == whole for streamed, whole in results)
+
+
+def test_disconnect_frees_the_worker_slot(service: Service) -> None:
+    with httpx.Client(timeout=30) as http, http.stream(
+            "POST", f"{service.base_url}/v1/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"model": "tiny", "prompt": "a long one", "max_tokens": 1500,
+                  "ignore_eos": True, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # one token arrived; now hang up
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5:
+        beat = service.heartbeat()
+        if beat.get("running") == 0 and beat.get("active") == 0:
+            break
+        time.sleep(0.05)
+    freed_after = time.monotonic() - t0
+    assert freed_after < 1.0 + 0.2 + 0.05, f"slot freed after {freed_after:.2f} s"
+
+
+def test_async_job_and_idempotent_resubmit(service: Service) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": "job-key-1"}
+    body = {"endpoint": "/v1/completions",
+            "body": {"model": "tiny", "prompt": "a background job", "max_tokens": 12,
+                     "temperature": 0.0}}
+    first = httpx.post(f"{service.base_url}/v1/jobs", json=body, headers=headers)
+    again = httpx.post(f"{service.base_url}/v1/jobs", json=body, headers=headers)
+    assert first.status_code == 202 and again.status_code == 202
+    job_id = first.json()["id"]
+    assert again.json()["id"] == job_id
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        view = httpx.get(f"{service.base_url}/v1/jobs/{job_id}", headers=headers).json()
+        if view["status"] == "completed":
+            break
+        time.sleep(0.1)
+    direct = service.client().completions.create(model="tiny", prompt="a background job",
+                                                 max_tokens=12, temperature=0.0)
+    assert view["result"]["choices"][0]["text"] == direct.choices[0].text
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    ("{not json", 400, "not valid JSON"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "colour": 1}, 400,
+     "unknown field(s): colour"),
+    ({"model": "tiny", "messages": "x"}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400,
+     "max_tokens"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "nope"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x " * 3000}]}, 400,
+     "context"),
+])
+def test_bad_input_gets_openai_errors(service: Service, body: object, status: int,
+                                      needle: str) -> None:
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{service.base_url}/v1/chat/completions", content=content, timeout=30,
+                   headers={"Authorization": f"Bearer {API_KEY}",
+                            "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"]
+
+
+def test_auth_and_body_size(service: Service) -> None:
+    url = f"{service.base_url}/v1/models"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    models = httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    big = "x" * (5 * 1024 * 1024)
+    r = httpx.post(f"{service.base_url}/v1/completions", content=big,
+                   headers={"Authorization": f"Bearer {API_KEY}",
+                            "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_metrics_exposed(service: Service) -> None:
+    text = httpx.get(f"{service.base_url}/metrics").text
+    assert "sluice:e2e_request_latency_seconds" in text
+    assert "sluice:http_requests_total" in text
