@@ -1,4 +1,4 @@
-# The two entry points of the README: `make run` and `make test`.
+# The two entry points of the README: `make run` (the service, `sluice up`) and `make test`.
 # Both create .venv on first use; nothing else needs to be installed by hand.
 PY ?= python3
 VENV := .venv
@@ -19,7 +19,7 @@ $(BIN)/sluice: pyproject.toml
 install: $(BIN)/sluice
 
 run: install
-	$(BIN)/sluice generate "The quick brown fox" "Sluice is" --max-tokens 32
+	$(BIN)/sluice up
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -121,7 +121,14 @@ class Launcher:
         log.info("stopped")
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_up(settings: UpSettings) -> int:
+    # SIGTERM (a service manager, `kill`) stops the same orderly way as Ctrl-C; the children run
+    # in sessions of their own and would otherwise outlive the launcher.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     launcher = Launcher(settings)
     # Children run in their own sessions, so Ctrl-C reaches only this process, which stops
     # them in order: gateway first, then the worker by draining, then Redis.
@@ -131,4 +138,5 @@ def run_up(settings: UpSettings) -> int:
         return launcher.wait()
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         launcher.stop()
