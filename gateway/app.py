@@ -136,6 +136,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await state["redis"].publish(names.cancel_channel(model),
                                      Cancel(req_id=req_id).model_dump_json())
 
+    background: set[asyncio.Task[None]] = set()
+
+    def cancel_soon(model: str, req_id: str) -> None:
+        """Cancels from a task of its own: called while the request's own task is being
+        cancelled (the client left), where any await of ours would be cancelled too."""
+        task = asyncio.get_running_loop().create_task(cancel(model, req_id))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
     async def remember_idempotent(tenant_id: str, key: str | None, req_id: str,
                                   model: str) -> str | None:
         """Returns the earlier request's id if this key was used before, else claims it."""
@@ -220,7 +229,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             state["router"].unregister(job.id)
             if not finished:
-                await cancel(job.model, job.id)
+                cancel_soon(job.model, job.id)
         metrics.observe_finished(job.model, events, time.perf_counter() - t0)
         completions, usage = completions_from_events(events)
         return _respond(kind, job.id, job.model, completions, usage, int(job.created))
@@ -268,7 +277,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             state["router"].unregister(job.id)
             if not finished:  # the client went away: free the worker's slot now
-                await cancel(job.model, job.id)
+                cancel_soon(job.model, job.id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, tenant_id: Tenant,
