@@ -30,6 +30,11 @@ def request_record(model: str, request_id: str) -> str:
     return f"{_tag(model)}:req:{request_id}"
 
 
+def checkpoint(model: str, request_id: str) -> str:
+    """Tokens and text a request has produced so far, so another worker can resume it."""
+    return f"{_tag(model)}:ckpt:{request_id}"
+
+
 def cancelled(model: str, request_id: str) -> str:
     """Marks a request cancelled, so a worker that picks it up later drops it unrun."""
     return f"{_tag(model)}:cancelled:{request_id}"

@@ -54,12 +54,20 @@ from worker.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+# Tokens between checkpoints of a request's progress: a resumed request recomputes at most
+# this many, and the gateway drops the repeats by their sequence numbers.
+CHECKPOINT_EVERY = 16
+
+
 @dataclass
 class Active:
     job: Job
     entry_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # the request's own prompt, without resumed tokens
     num_sent: dict[int, int] = field(default_factory=dict)  # tokens published per completion
+    resumed_token_ids: list[int] = field(default_factory=list)  # produced by an earlier delivery
+    resumed_text: str = ""
+    checkpointed: int = 0
 
 
 class WorkerService:
@@ -101,7 +109,8 @@ class WorkerService:
         log.info("worker %s serving %s from %s (queue %s)", self.settings.worker_id,
                  self.model_name, self.model_dir, self.stream)
         tasks = [asyncio.create_task(c) for c in (
-            self._pull_loop(), self._result_loop(), self._heartbeat_loop(), self._cancel_loop())]
+            self._pull_loop(), self._result_loop(), self._heartbeat_loop(), self._cancel_loop(),
+            self._claim_loop())]
         await self._draining.wait()
         self.state = "draining"
         await self._heartbeat()
@@ -200,10 +209,24 @@ class WorkerService:
         except (InvalidRequestError, ValueError, TypeError) as e:
             await self._fail(job, entry_id, [], str(e), "invalid_request_error")
             return
-        self.active[job.id] = Active(job, entry_id, prompt_ids)
-        self.processor.add_request(job.id, job.prompt, prompt_ids, params)
+        active = Active(job, entry_id, prompt_ids)
+        engine_prompt = prompt_ids
+        if params.n == 1:  # n > 1 restarts from scratch; the gateway drops what it already has
+            ckpt = await self.redis.get(names.checkpoint(self.model_name, job.id))
+            if ckpt:
+                done = json.loads(ckpt)
+                active.resumed_token_ids, active.resumed_text = done["token_ids"], done["text"]
+                active.num_sent[0] = active.checkpointed = len(active.resumed_token_ids)
+                engine_prompt = prompt_ids + active.resumed_token_ids
+                left = (params.max_tokens or self.max_model_len) - len(active.resumed_token_ids)
+                params = params.clone(max_tokens=max(left, 1),
+                                      min_tokens=max(0, min(params.min_tokens - len(
+                                          active.resumed_token_ids), left)))
+                log.info("resuming %s after %d tokens", job.id, len(active.resumed_token_ids))
+        self.active[job.id] = active
+        self.processor.add_request(job.id, job.prompt, engine_prompt, params)
         self._in_flight_adds += 1
-        self._commands.put(AddRequest(job.id, prompt_ids, params, job.priority))
+        self._commands.put(AddRequest(job.id, engine_prompt, params, job.priority))
 
     def _tokenize(self, job: Job) -> list[int]:
         if job.kind == "chat":
@@ -260,8 +283,36 @@ class WorkerService:
                 finished.append(d.request_id)
         for channel, events in by_channel.items():
             await self.redis.publish(channel, Reply(events=events).model_dump_json())
+        await self._checkpoint(finished)
         for rid in finished:
             await self._complete(rid)
+
+    async def _checkpoint(self, finished: list[str]) -> None:
+        """Saves the progress of single-completion requests about every CHECKPOINT_EVERY tokens,
+        at a point where all their text has been released."""
+        pipe = self.redis.pipeline(transaction=False)
+        for rid, active in self.active.items():
+            sent = active.num_sent.get(0, 0)
+            if rid in finished or active.job.sampling.get("n", 1) != 1 or \
+                    sent - active.checkpointed < CHECKPOINT_EVERY:
+                continue
+            result = self.processor.get(rid)
+            if result is None:
+                continue
+            out = result.outputs[0]
+            skip = bool(active.job.sampling.get("skip_special_tokens", True))
+            if self.tokenizer.decode(out.token_ids, skip_special_tokens=skip) != out.text:
+                # Text is held back (an unfinished character or a possible stop string). A
+                # resume from here would split the text differently from what the client has;
+                # from a clean boundary the resumed deltas are exactly the ones it would get.
+                continue
+            pipe.set(names.checkpoint(self.model_name, rid),
+                     json.dumps({"token_ids": active.resumed_token_ids + out.token_ids,
+                                 "text": active.resumed_text + out.text}),
+                     ex=self.settings.record_ttl_s)
+            active.checkpointed = sent
+        if len(pipe):
+            await pipe.execute()
 
     def _logprobs(self, d: CompletionDelta, job: Job) -> list[dict[str, Any]] | None:
         if d.logprobs is None:
@@ -289,15 +340,17 @@ class WorkerService:
             id=rid, model=self.model_name, kind=active.job.kind, status=status,
             created=active.job.created, finished=time.time(),
             prompt_token_ids=active.prompt_token_ids,
-            completions=[CompletionRecord(index=o.index, text=o.text, token_ids=o.token_ids,
-                                          logprobs=None, finish_reason=o.finish_reason,
-                                          stop_reason=o.stop_reason) for o in result.outputs],
+            completions=[CompletionRecord(
+                index=o.index, text=(active.resumed_text if o.index == 0 else "") + o.text,
+                token_ids=(active.resumed_token_ids if o.index == 0 else []) + o.token_ids,
+                logprobs=None, finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+                for o in result.outputs],
             usage=self._usage(result, active),
             error=next((o.error for o in result.outputs if o.error), None))
         await self._write_record_then_ack(record, active.entry_id)
 
     def _usage(self, result: Any, active: Active) -> Usage:
-        completion = sum(len(o.token_ids) for o in result.outputs)
+        completion = sum(len(o.token_ids) for o in result.outputs) + len(active.resumed_token_ids)
         prompt = len(active.prompt_token_ids)
         return Usage(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion, cached_tokens=result.num_cached_tokens)
@@ -319,6 +372,52 @@ class WorkerService:
         await self.redis.set(names.request_record(self.model_name, record.id),
                              record.model_dump_json(), ex=self.settings.record_ttl_s)
         await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
+        await self.redis.delete(names.checkpoint(self.model_name, record.id))
+
+    # -- recovery --------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        """Takes over jobs whose worker stopped refreshing them (it died mid-request)."""
+        while not self._draining.is_set():
+            await asyncio.sleep(self.settings.heartbeat_s)
+            if not self._has_room():
+                continue
+            resp: Any = await self.redis.xautoclaim(
+                self.stream, names.WORKER_GROUP, self.settings.worker_id,
+                min_idle_time=self.settings.claim_idle_ms, start_id="0-0",
+                count=self.settings.read_batch)
+            claimed = resp[1]  # [next id, entries] on Redis 6.2; a third item on 7
+            for entry_id, fields in claimed:
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                if not fields:  # deleted from the stream meanwhile
+                    await self.redis.xack(self.stream, names.WORKER_GROUP, eid)
+                    continue
+                info: Any = await self.redis.xpending_range(
+                    self.stream, names.WORKER_GROUP, min=eid, max=eid, count=1)
+                deliveries = int(info[0]["times_delivered"]) if info else 1
+                if deliveries > self.settings.max_deliveries:
+                    await self._dead_letter(eid, fields, deliveries)
+                    continue
+                log.warning("claimed job %s from a silent worker (delivery %d)", eid, deliveries)
+                await self._admit(eid, fields)
+
+    async def _dead_letter(self, entry_id: str, fields: dict[bytes, bytes],
+                           deliveries: int) -> None:
+        """A job that keeps killing workers is set aside instead of taking down the fleet."""
+        raw = fields[names.JOB_FIELD.encode()]
+        await self.redis.xadd(names.dead_letters(self.model_name),
+                              {names.JOB_FIELD: raw, "deliveries": deliveries,
+                               "worker": self.settings.worker_id})
+        try:
+            job = Job.model_validate_json(raw)
+        except Exception:
+            await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
+            return
+        log.error("job %s failed on %d deliveries; moved to %s", job.id, deliveries,
+                  names.dead_letters(self.model_name))
+        await self._fail(job, entry_id, [],
+                         f"the request failed on {deliveries} workers and was set aside",
+                         "server_error")
 
     # -- control ---------------------------------------------------------------------------
 
