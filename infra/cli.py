@@ -108,6 +108,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load-format")
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--worker-id")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.set_defaults(func=_worker)
 
 
@@ -117,7 +118,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     serve(load_settings(WorkerSettings, **_given(
         args, "model", "served_model_name", "redis_url", "device", "dtype", "load_format",
-        "max_num_seqs", "worker_id")))
+        "max_num_seqs", "worker_id", "metrics_port")))
     return 0
 
 

@@ -194,6 +194,7 @@ class WorkerSettings(_Settings):
     heartbeat_ttl_s: float = Field(default=5.0, gt=0)
     # A job delivered but not acknowledged for this long may be claimed by another worker.
     claim_idle_ms: int = Field(default=15000, ge=1)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)  # Prometheus; None: off
     max_deliveries: int = Field(default=3, ge=1)  # after this many, a job goes to the dead letters
     record_ttl_s: int = Field(default=3600, ge=1)
     read_batch: int = Field(default=16, ge=1)

@@ -47,6 +47,7 @@ from worker.core_process import (
 from worker.engine.engine import EngineStats
 from worker.engine.errors import InvalidRequestError
 from worker.engine.sampling_params import SamplingParams
+from worker.metrics import WorkerMetrics
 from worker.models.registry import resolve_model
 from worker.outputs import CompletionDelta, Logprob, OutputProcessor
 from worker.tokenizer import Tokenizer
@@ -77,6 +78,7 @@ class WorkerService:
         self.model_name = settings.served_model_name or Path(settings.model).name
         self.tokenizer = Tokenizer.load(self.model_dir)
         self.processor = OutputProcessor(self.tokenizer)
+        self.metrics = WorkerMetrics(self.model_name)
         self.active: dict[str, Active] = {}
         self.stats: EngineStats | None = None
         self.state = "starting"
@@ -105,6 +107,9 @@ class WorkerService:
         self.max_model_len, self.stats = ready.max_model_len, ready.stats
         self.redis = aioredis.from_url(self.settings.redis_url)
         await self._ensure_group()
+        if self.settings.metrics_port is not None:
+            self.metrics.serve(self.settings.metrics_port)
+            log.info("metrics on http://0.0.0.0:%d/metrics", self.settings.metrics_port)
         self.state = "ready"
         log.info("worker %s serving %s from %s (queue %s)", self.settings.worker_id,
                  self.model_name, self.model_dir, self.stream)
@@ -224,6 +229,7 @@ class WorkerService:
                                           active.resumed_token_ids), left)))
                 log.info("resuming %s after %d tokens", job.id, len(active.resumed_token_ids))
         self.active[job.id] = active
+        self.metrics.admitted(job.id, job.created, len(prompt_ids))
         self.processor.add_request(job.id, job.prompt, engine_prompt, params)
         self._in_flight_adds += 1
         self._commands.put(AddRequest(job.id, engine_prompt, params, job.priority))
@@ -250,6 +256,7 @@ class WorkerService:
                 continue
             self.stats = item.stats
             self._in_flight_adds = 0
+            self.metrics.step(item.stats, sum(len(o.new_token_ids) for o in item.outputs))
             for rej in item.rejected:
                 active = self.active.get(rej.request_id)
                 if active is not None:
@@ -270,6 +277,7 @@ class WorkerService:
                 continue
             seq = active.num_sent.get(d.index, 0)
             active.num_sent[d.index] = seq + len(d.token_ids)
+            self.metrics.tokens(d.request_id, len(d.token_ids))
             result = self.processor.get(d.request_id)
             done = result is not None and result.finished
             event = Event(req_id=d.request_id, index=d.index, seq=seq, text=d.text,
@@ -333,6 +341,8 @@ class WorkerService:
         if active is None or result is None:
             return
         reasons = {o.finish_reason for o in result.outputs}
+        self.metrics.finished(rid, result.outputs[0].finish_reason or "abort",
+                              sum(len(o.token_ids) for o in result.outputs))
         status: Literal["completed", "failed", "cancelled"] = (
             "cancelled" if reasons == {"abort"} else "failed" if "error" in reasons
             else "completed")
