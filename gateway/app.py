@@ -181,6 +181,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             record = await wait_record(req.model, earlier, deadline)
             if record.status != "completed":
                 raise error_from_type(record.error_type, record.error or f"request {record.status}")
+            if req.stream:
+                return StreamingResponse(_replay(record, kind, req), media_type="text/event-stream",
+                                         headers={"X-Request-Id": earlier})
             return JSONResponse(_respond(kind, earlier, record.model, record.completions,
                                          record.usage, int(record.created)))
         await admit(req.model)
@@ -393,6 +396,22 @@ def _respond(kind: str, req_id: str, model: str, completions: list[CompletionRec
     build = chat_completion_response if kind == "chat" else completion_response
     return build(request_id=req_id, model=model, completions=completions, usage=usage,
                  created=created)
+
+
+async def _replay(record: RequestRecord, kind: str, req: Any) -> AsyncIterator[str]:
+    """A finished request as a stream: one event per completion, then usage and [DONE]."""
+    job = Job(id=record.id, model=record.model, kind=record.kind, created=record.created)
+    offsets: dict[int, int] = {}
+    for c in record.completions:
+        ev = Event(req_id=record.id, index=c.index, seq=0, text=c.text, token_ids=c.token_ids,
+                   finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+        for chunk in _stream_chunks(ev, kind, job, offsets, first=True):
+            yield f"data: {json.dumps(chunk)}\n\n"
+    if record.usage is not None and stream_include_usage(req):
+        chunk = usage_chunk(kind=kind, request_id=record.id, model=record.model,  # type: ignore[arg-type]
+                            created=int(record.created), usage=record.usage)
+        yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _stream_chunks(ev: Event, kind: str, job: Job, offsets: dict[int, int],
