@@ -66,7 +66,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state["redis"] = aioredis.from_url(settings.redis_url)
+        # Requests wait for a free connection instead of failing when a burst exceeds the pool.
+        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=512,
+                                                        timeout=30)
+        state["redis"] = aioredis.Redis(connection_pool=pool)
         state["router"] = ReplyRouter(state["redis"], names.gateway_channel(settings.gateway_id))
         await state["router"].start()
         log.info("gateway %s on reply channel %s, Redis %s", settings.gateway_id,
@@ -102,16 +105,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                              time.perf_counter() - t0)
         return response
 
+    fleet: dict[str, Any] = {"models": [], "read_at": 0.0}
+
     async def served_models() -> list[str]:
+        """Models some live worker serves, from the heartbeat hash, read at most twice a second."""
         if settings.models:
             return list(settings.models)
-        found: set[str] = set()
-        redis = state["redis"]
-        async for key in redis.scan_iter(match=names.WORKER_HEARTBEAT_PATTERN):
-            beat = await redis.get(key)
-            if beat:
-                found.add(json.loads(beat)["model"])
-        return sorted(found)
+        now = time.time()
+        if now - fleet["read_at"] > 0.5:
+            beats = await state["redis"].hgetall(names.WORKERS)
+            fleet["models"] = sorted({b["model"] for b in map(json.loads, beats.values())
+                                      if b.get("expires", 0) > now})
+            fleet["read_at"] = now
+        return list(fleet["models"])
 
     async def check_model(model: str) -> None:
         if model not in await served_models():
@@ -119,13 +125,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                 param="model")
 
     async def admit(model: str) -> None:
+        # Workers delete entries as they acknowledge them: the length is the unfinished backlog.
         depth = await state["redis"].xlen(names.queue(model))
-        # XLEN counts acknowledged entries too until trimmed; the group's lag is the true backlog.
         if depth >= settings.queue_cap:
-            lag = await _group_lag(state["redis"], model)
-            if lag >= settings.queue_cap:
-                raise RateLimitError(f"model {model!r} has {lag} requests queued; retry shortly",
-                                     retry_after_s=1)
+            raise RateLimitError(f"model {model!r} has {depth} requests queued or running; "
+                                 "retry shortly", retry_after_s=1)
 
     async def enqueue(job: Job) -> None:
         await state["redis"].xadd(names.queue(job.model), {names.JOB_FIELD: job.model_dump_json()})
@@ -362,20 +366,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return Response(body, media_type=content_type)
 
     return app
-
-
-async def _group_lag(redis: aioredis.Redis, model: str) -> int:
-    try:
-        groups = await redis.xinfo_groups(names.queue(model))
-    except Exception:
-        return 0
-    for g in groups:
-        if g.get("name") in (names.WORKER_GROUP, names.WORKER_GROUP.encode()):
-            lag = g.get("lag")
-            if lag is not None:  # Redis 7 reports it; on 6.2 fall back to the stream length
-                return int(lag) + int(g.get("pending", 0))
-            return int(await redis.xlen(names.queue(model)))
-    return int(await redis.xlen(names.queue(model)))
 
 
 def _job_kind(endpoint: str) -> tuple[str, Any]:

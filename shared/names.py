@@ -55,6 +55,9 @@ def worker_heartbeat(worker_id: str) -> str:
 
 
 WORKER_HEARTBEAT_PATTERN = f"{PREFIX}:w:*"
+# Hash of every worker's latest heartbeat (worker id -> JSON with an "expires" time), so readers
+# find the fleet with one HGETALL instead of scanning the keyspace.
+WORKERS = f"{PREFIX}:workers"
 
 
 def idempotency(tenant: str, key: str) -> str:

@@ -65,6 +65,9 @@ class WorkerMetrics:
                                      _TOKENS)
         self._last = EngineStats(0, 0, 0, 1, 0.0, 0, 0, 0)
         self._timings: dict[str, _Timing] = {}
+        # Per-token paths use children bound once: .labels() on every token showed in profiles.
+        self._ttft, self._prefill = self.ttft.labels(model_name), self.prefill.labels(model_name)
+        self._itl = self.itl.labels(model_name)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
@@ -97,10 +100,10 @@ class WorkerMetrics:
         now = time.perf_counter()
         if t.first_token is None:
             t.first_token = now
-            self.ttft.labels(self.model).observe(now - t.admitted)
-            self.prefill.labels(self.model).observe(now - t.admitted)
+            self._ttft.observe(now - t.admitted)
+            self._prefill.observe(now - t.admitted)
         elif t.last_token is not None:
-            self.itl.labels(self.model).observe(now - t.last_token)
+            self._itl.observe(now - t.last_token)
         t.last_token = now
 
     def finished(self, req_id: str, reason: str, num_generated: int) -> None:

@@ -125,6 +125,7 @@ class WorkerService:
         for t in tasks:
             t.cancel()
         await self.redis.delete(names.worker_heartbeat(self.settings.worker_id))
+        await self.redis.hdel(names.WORKERS, self.settings.worker_id)
         self._commands.put(Shutdown())
         self._core.join(timeout=10)
         await self.redis.aclose()
@@ -271,12 +272,15 @@ class WorkerService:
     async def _publish(self, deltas: list[CompletionDelta]) -> None:
         by_channel: dict[str, list[Event]] = {}
         finished: list[str] = []
+        due: list[str] = []  # requests whose progress is due for a checkpoint
         for d in deltas:
             active = self.active.get(d.request_id)
             if active is None:
                 continue
             seq = active.num_sent.get(d.index, 0)
             active.num_sent[d.index] = seq + len(d.token_ids)
+            if d.index == 0 and seq + len(d.token_ids) - active.checkpointed >= CHECKPOINT_EVERY:
+                due.append(d.request_id)
             self.metrics.tokens(d.request_id, len(d.token_ids))
             result = self.processor.get(d.request_id)
             done = result is not None and result.finished
@@ -291,19 +295,19 @@ class WorkerService:
                 finished.append(d.request_id)
         for channel, events in by_channel.items():
             await self.redis.publish(channel, Reply(events=events).model_dump_json())
-        await self._checkpoint(finished)
+        await self._checkpoint(due)
         for rid in finished:
             await self._complete(rid)
 
-    async def _checkpoint(self, finished: list[str]) -> None:
+    async def _checkpoint(self, due: list[str]) -> None:
         """Saves the progress of single-completion requests about every CHECKPOINT_EVERY tokens,
         at a point where all their text has been released."""
         pipe = self.redis.pipeline(transaction=False)
-        for rid, active in self.active.items():
-            sent = active.num_sent.get(0, 0)
-            if rid in finished or active.job.sampling.get("n", 1) != 1 or \
-                    sent - active.checkpointed < CHECKPOINT_EVERY:
+        for rid in due:
+            active = self.active.get(rid)
+            if active is None or active.job.sampling.get("n", 1) != 1:
                 continue
+            sent = active.num_sent.get(0, 0)
             result = self.processor.get(rid)
             if result is None:
                 continue
@@ -381,8 +385,13 @@ class WorkerService:
         # Record first: a crash between the two leaves the job pending, never lost.
         await self.redis.set(names.request_record(self.model_name, record.id),
                              record.model_dump_json(), ex=self.settings.record_ttl_s)
-        await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
-        await self.redis.delete(names.checkpoint(self.model_name, record.id))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(self.stream, names.WORKER_GROUP, entry_id)
+        # Acknowledged entries leave the stream, so its length is the unfinished backlog, which
+        # admission reads (Redis 6.2 reports no consumer-group lag).
+        pipe.xdel(self.stream, entry_id)
+        pipe.delete(names.checkpoint(self.model_name, record.id))
+        await pipe.execute()
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -451,15 +460,18 @@ class WorkerService:
 
     async def _heartbeat(self) -> None:
         st = self.stats
-        beat = {"worker_id": self.settings.worker_id, "model": self.model_name, "state": self.state,
+        now = time.time()
+        beat: dict[str, Any] = {"worker_id": self.settings.worker_id, "model": self.model_name, "state": self.state,
                 "kv_usage": st.kv_cache_usage if st else 0.0,
                 "running": st.num_running if st else 0, "waiting": st.num_waiting if st else 0,
                 "free_blocks": st.num_free_blocks if st else 0,
                 "capacity": self.settings.max_num_seqs, "active": len(self.active),
-                "pid": os.getpid(), "ts": time.time()}
+                "pid": os.getpid(), "ts": now, "expires": now + self.settings.heartbeat_ttl_s}
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
-        await self.redis.set(names.worker_heartbeat(self.settings.worker_id), json.dumps(beat),
-                             px=ttl_ms)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(names.worker_heartbeat(self.settings.worker_id), json.dumps(beat), px=ttl_ms)
+        pipe.hset(names.WORKERS, self.settings.worker_id, json.dumps(beat))
+        await pipe.execute()
         if self.active:  # keep our pending jobs fresh so no live request is claimed away
             await self.redis.xclaim(self.stream, names.WORKER_GROUP, self.settings.worker_id, 0,
                                     [a.entry_id for a in self.active.values()], justid=True)
