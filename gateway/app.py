@@ -149,17 +149,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         background.add(task)
         task.add_done_callback(background.discard)
 
-    async def remember_idempotent(tenant_id: str, key: str | None, req_id: str,
+    async def remember_idempotent(tenant_id: str, endpoint: str, key: str | None, req_id: str,
                                   model: str) -> str | None:
-        """Returns the earlier request's id if this key was used before, else claims it."""
+        """Returns the earlier request's id if this key was used before on this endpoint, else
+        claims it. Keys are per endpoint: a job id and a completion id are not interchangeable."""
         if not key:
             return None
+        name = names.idempotency(tenant_id, f"{endpoint}:{key}")
         value = json.dumps({"id": req_id, "model": model})
-        claimed = await state["redis"].set(names.idempotency(tenant_id, key), value, nx=True,
-                                           ex=settings.idempotency_ttl_s)
-        if claimed:
+        if await state["redis"].set(name, value, nx=True, ex=settings.idempotency_ttl_s):
             return None
-        earlier = await state["redis"].get(names.idempotency(tenant_id, key))
+        earlier = await state["redis"].get(name)
         return json.loads(earlier)["id"] if earlier else None
 
     async def read_record(model: str, req_id: str) -> RequestRecord | None:
@@ -178,9 +178,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                   idempotency_key: str | None) -> Response:
         await check_model(req.model)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        req_id = getattr(req, "request_id", None) or f"{prefix}-{uuid.uuid4().hex}"
+        # A client's request_id is kept for correlation, with a random suffix: ids name Redis
+        # records, and two clients (or tenants) may well choose the same one.
+        client_id = getattr(req, "request_id", None)
+        req_id = f"{prefix}-{client_id}-{uuid.uuid4().hex[:12]}" if client_id else \
+            f"{prefix}-{uuid.uuid4().hex}"
         deadline = time.time() + settings.request_timeout_s
-        earlier = await remember_idempotent(tenant_id, idempotency_key, req_id, req.model)
+        earlier = await remember_idempotent(tenant_id, kind, idempotency_key, req_id, req.model)
         if earlier is not None:  # same request again: the first one's result, never a rerun
             record = await wait_record(req.model, earlier, deadline)
             if record.status != "completed":
@@ -305,7 +309,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise BadRequestError("a background job cannot stream; drop 'stream'", param="stream")
         await check_model(req.model)
         req_id = f"job-{uuid.uuid4().hex}"
-        earlier = await remember_idempotent(tenant_id, idempotency_key, req_id, req.model)
+        earlier = await remember_idempotent(tenant_id, "jobs", idempotency_key, req_id, req.model)
         if earlier is not None:
             return JSONResponse(_job_view(earlier, req.model, "queued", None), status_code=202)
         await admit(req.model)
