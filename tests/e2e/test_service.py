@@ -5,78 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import openai
 import pytest
-import redis
 
-from shared import names
-from shared.redis_server import RedisServer, free_port
 from worker import LLM, SamplingParams
 
-API_KEY = "sk-e2e-test"
-
-
-@dataclass
-class Service:
-    base_url: str
-    redis_url: str
-    worker: subprocess.Popen[bytes]
-    gateway: subprocess.Popen[bytes]
-
-    def client(self, **kw: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=API_KEY, max_retries=0, **kw)
-
-    def aclient(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=API_KEY,
-                                  max_retries=0)
-
-    def heartbeat(self) -> dict:
-        r = redis.Redis.from_url(self.redis_url)
-        beats = [json.loads(r.get(k)) for k in r.scan_iter(match=names.WORKER_HEARTBEAT_PATTERN)]
-        return beats[0] if beats else {}
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Service]:
-    data = tmp_path_factory.mktemp("service")
-    server = RedisServer(data_dir=data / "redis", appendonly=False).start()
-    port = free_port()
-    env = {**os.environ, "SLUICE_REDIS_URL": server.url, "SLUICE_API_KEYS": API_KEY,
-           "SLUICE_HEARTBEAT_S": "0.2", "SLUICE_HEARTBEAT_TTL_S": "2"}
-    cli = [sys.executable, "-m", "infra.cli"]
-    worker = subprocess.Popen([*cli, "worker", "--model", str(tiny_model_dir),
-                               "--served-model-name", "tiny", "--device", "cpu"], env=env)
-    gateway = subprocess.Popen([*cli, "gateway", "--port", str(port)], env=env)
-    svc = Service(f"http://127.0.0.1:{port}", server.url, worker, gateway)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if svc.heartbeat().get("state") == "ready":
-            try:
-                if httpx.get(f"{svc.base_url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    else:
-        pytest.fail("service did not become ready")
-    yield svc
-    gateway.terminate()
-    worker.terminate()
-    for proc in (gateway, worker):
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    server.stop()
+if TYPE_CHECKING:  # the `service` fixture comes from tests/e2e/conftest.py
+    from conftest import Service
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +85,7 @@ def test_fifty_concurrent_streams_arrive_whole_and_in_order(service: Service) ->
 def test_disconnect_frees_the_worker_slot(service: Service) -> None:
     with httpx.Client(timeout=30) as http, http.stream(
             "POST", f"{service.base_url}/v1/completions",
-            headers={"Authorization": f"Bearer {API_KEY}"},
+            headers={"Authorization": f"Bearer {service.api_key}"},
             json={"model": "tiny", "prompt": "a long one", "max_tokens": 1500,
                   "ignore_eos": True, "stream": True}) as response:
         for line in response.iter_lines():
@@ -162,7 +102,7 @@ def test_disconnect_frees_the_worker_slot(service: Service) -> None:
 
 
 def test_async_job_and_idempotent_resubmit(service: Service) -> None:
-    headers = {"Authorization": f"Bearer {API_KEY}", "Idempotency-Key": "job-key-1"}
+    headers = {"Authorization": f"Bearer {service.api_key}", "Idempotency-Key": "job-key-1"}
     body = {"endpoint": "/v1/completions",
             "body": {"model": "tiny", "prompt": "a background job", "max_tokens": 12,
                      "temperature": 0.0}}
@@ -197,7 +137,7 @@ def test_bad_input_gets_openai_errors(service: Service, body: object, status: in
                                       needle: str) -> None:
     content = body if isinstance(body, str) else json.dumps(body)
     r = httpx.post(f"{service.base_url}/v1/chat/completions", content=content, timeout=30,
-                   headers={"Authorization": f"Bearer {API_KEY}",
+                   headers={"Authorization": f"Bearer {service.api_key}",
                             "Content-Type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -208,11 +148,11 @@ def test_auth_and_body_size(service: Service) -> None:
     url = f"{service.base_url}/v1/models"
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    models = httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    models = httpx.get(url, headers={"Authorization": f"Bearer {service.api_key}"}).json()
     assert [m["id"] for m in models["data"]] == ["tiny"]
     big = "x" * (5 * 1024 * 1024)
     r = httpx.post(f"{service.base_url}/v1/completions", content=big,
-                   headers={"Authorization": f"Bearer {API_KEY}",
+                   headers={"Authorization": f"Bearer {service.api_key}",
                             "Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
