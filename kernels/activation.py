@@ -20,6 +20,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from kernels._launch import interpreting as _interpreting
+from kernels._launch import num_warps as _num_warps
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK = 1024  # columns per program
 
@@ -41,17 +44,6 @@ def _silu_and_mul_kernel(
     out = (act.to(tl.float32) * up.to(tl.float32)).to(dtype)
     tl.store(out_ptr + row * stride_o_row + cols, out, mask=mask)
 
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
-
-
-def _num_warps(block: int) -> int:
-    if block <= 256:
-        return 1
-    if block <= 512:
-        return 2
-    return 4
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

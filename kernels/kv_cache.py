@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import interpreting as _interpreting
+from kernels._launch import num_warps as _num_warps
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SLOT_DTYPES = (torch.int64, torch.int32)
 
@@ -46,20 +49,6 @@ def _write_kv_kernel(
     tl.store(dst + stride_c_kv, value.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
-
-
-def _num_warps(width: int) -> int:
-    if width <= 256:
-        return 1
-    if width <= 512:
-        return 2
-    if width <= 1024:
-        return 4
-    if width <= 4096:
-        return 8
-    return 16
 
 
 def _check_args(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

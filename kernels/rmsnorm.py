@@ -23,6 +23,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from kernels._launch import interpreting as _interpreting
+from kernels._launch import num_warps as _num_warps
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROW_WIDTH = 32768  # one row is held in registers by one program
 
@@ -64,20 +67,6 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * N_COLS + cols, out, mask=mask)
 
 
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
-
-
-def _num_warps(block: int) -> int:
-    if block <= 256:
-        return 1
-    if block <= 512:
-        return 2
-    if block <= 1024:
-        return 4
-    if block <= 4096:
-        return 8
-    return 16
 
 
 def _check_device(t: torch.Tensor, name: str) -> None:
