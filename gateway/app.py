@@ -131,6 +131,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise RateLimitError(f"model {model!r} has {depth} requests queued or running; "
                                  "retry shortly", retry_after_s=1)
 
+    async def admit_or_release(model: str, tenant_id: str, endpoint: str,
+                               idempotency_key: str | None) -> None:
+        """Admission; a refused request gives its Idempotency-Key back for the retry."""
+        try:
+            await admit(model)
+        except RateLimitError:
+            if idempotency_key:
+                await state["redis"].delete(
+                    names.idempotency(tenant_id, f"{endpoint}:{idempotency_key}"))
+            raise
+
     async def enqueue(job: Job) -> None:
         await state["redis"].xadd(names.queue(job.model), {names.JOB_FIELD: job.model_dump_json()})
         metrics.requests_queued(job.model)
@@ -184,6 +195,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         req_id = f"{prefix}-{client_id}-{uuid.uuid4().hex[:12]}" if client_id else \
             f"{prefix}-{uuid.uuid4().hex}"
         deadline = time.time() + settings.request_timeout_s
+        router: ReplyRouter = state["router"]
+        # Validate before claiming an Idempotency-Key: a rejected request must not hold the key,
+        # or its resubmission would wait for a result that never comes.
+        job = to_job(req, model=req.model, request_id=req_id, tenant=tenant_id,
+                     reply_channel=router.channel, deadline=deadline)
         earlier = await remember_idempotent(tenant_id, kind, idempotency_key, req_id, req.model)
         if earlier is not None:  # same request again: the first one's result, never a rerun
             record = await wait_record(req.model, earlier, deadline)
@@ -194,10 +210,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                          headers={"X-Request-Id": earlier})
             return JSONResponse(_respond(kind, earlier, record.model, record.completions,
                                          record.usage, int(record.created)))
-        await admit(req.model)
-        router: ReplyRouter = state["router"]
-        job = to_job(req, model=req.model, request_id=req_id, tenant=tenant_id,
-                     reply_channel=router.channel, deadline=deadline)
+        await admit_or_release(req.model, tenant_id, kind, idempotency_key)
         queue = router.register(req_id)
         try:
             await enqueue(job)
@@ -309,12 +322,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise BadRequestError("a background job cannot stream; drop 'stream'", param="stream")
         await check_model(req.model)
         req_id = f"job-{uuid.uuid4().hex}"
+        job = to_job(req, model=req.model, request_id=req_id, tenant=tenant_id,
+                     reply_channel=None, deadline=None)
         earlier = await remember_idempotent(tenant_id, "jobs", idempotency_key, req_id, req.model)
         if earlier is not None:
             return JSONResponse(_job_view(earlier, req.model, "queued", None), status_code=202)
-        await admit(req.model)
-        job = to_job(req, model=req.model, request_id=req_id, tenant=tenant_id,
-                     reply_channel=None, deadline=None)
+        await admit_or_release(req.model, tenant_id, "jobs", idempotency_key)
         await state["redis"].set(names.job_index(req_id),
                                  json.dumps({"model": req.model, "kind": kind,
                                              "tenant": tenant_id, "body": body.body}),
