@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import time
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
     from worker.engine.errors import InvalidRequestError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parent = os.getppid()  # before the slow engine start, during which the front may die
     try:
         config = EngineConfig(**engine_args.pop("config"))
         engine = Engine(config=config, **engine_args)
@@ -88,8 +90,16 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
     while True:
         rejected: list[Rejected] = []
         outputs: list[EngineOutput] = []
-        # Idle: block for the next command instead of spinning.
-        pending = [] if engine.has_unfinished_requests() else [commands.get()]
+        pending: list[Any] = []
+        # Idle: block for the next command instead of spinning, but notice a front that died
+        # without saying so (killed), so the engine and its memory do not outlive it.
+        while not engine.has_unfinished_requests() and not pending:
+            try:
+                pending.append(commands.get(timeout=1.0))
+            except queue.Empty:
+                if os.getppid() != parent:
+                    log.warning("the worker front is gone; the engine core exits")
+                    return
         while True:
             try:
                 pending.append(commands.get_nowait())
