@@ -3,8 +3,10 @@ real gateway process, the worker running the tiny model on the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +62,8 @@ class Service:
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, then SIGKILL after 30 s; then whatever is left of each process's group (a
+    worker's engine core process outlives a worker that was killed)."""
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()
@@ -69,6 +73,8 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own group: see spawn()
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +91,10 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
 
         def spawn(name: str, *args: str) -> subprocess.Popen[bytes]:
             # Each process logs to a file of its own, which Service.log_tail reads back.
+            # A session (process group) of its own, so that teardown can end its children too.
             with (data / f"{name}.log").open("wb") as log:
                 proc = subprocess.Popen([*cli, name, *args], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(proc)
             return proc
 
