@@ -212,9 +212,25 @@ class WorkerService:
                 raise InvalidRequestError(
                     f"this model's context is {self.max_model_len} tokens and the prompt has "
                     f"{len(prompt_ids)}", param="messages" if job.kind == "chat" else "prompt")
-        except (InvalidRequestError, ValueError, TypeError) as e:
+            vocab = self.tokenizer.vocab_size
+            bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(
+                    f"prompt token id {bad} is outside the vocabulary [0, {vocab})",
+                    param="prompt")
+        except (InvalidRequestError, ValueError, TypeError, OverflowError) as e:
             await self._fail(job, entry_id, [], str(e), "invalid_request_error")
             return
+        try:
+            await self._start(job, entry_id, prompt_ids, params)
+        except Exception as e:  # one job's failure must never stop this worker reading jobs
+            log.exception("job %s failed to start", job.id)
+            self.active.pop(job.id, None)
+            self.processor.pop(job.id)
+            await self._fail(job, entry_id, [], f"{type(e).__name__}: {e}", "server_error")
+
+    async def _start(self, job: Job, entry_id: str, prompt_ids: list[int],
+                     params: SamplingParams) -> None:
         active = Active(job, entry_id, prompt_ids)
         engine_prompt = prompt_ids
         if params.n == 1:  # n > 1 restarts from scratch; the gateway drops what it already has
