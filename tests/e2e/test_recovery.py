@@ -90,8 +90,10 @@ def test_killed_worker_request_resumes_on_another(tmp_path: Path, tiny_model_dir
         assert not errors, errors
         assert killed_at < NUM_TOKENS, "the request finished before the kill; nothing tested"
         assert "".join(chunks) == expected  # nothing lost, nothing repeated, same tokens
-        record = json.loads(r.get(names.request_record("tiny", r.keys(
-            names.request_record("tiny", "*"))[0].decode().rsplit(":", 1)[1])))
+        # The record is written just after the last event is published: wait for it.
+        pattern = names.request_record("tiny", "*").replace("{", "\\{").replace("}", "\\}")
+        _wait(lambda: r.keys(pattern), 10, "the request record")
+        record = json.loads(r.get(r.keys(pattern)[0]))
         assert record["usage"]["completion_tokens"] == NUM_TOKENS
     finally:
         for proc in procs.values():
