@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loadtest.offline import _device_name, _sync, _versions, _write_json
+from loadtest.offline import _device_name, _sync, _versions, _write_json, add_model_args
 
 
 @dataclass
@@ -187,11 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loadtest.decode_latency", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="'tiny', a shipped config name (llama-3.1-8b, qwen3-0.6b, ...) or a folder")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
+    add_model_args(p)
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=256, help="generated tokens per request")
     p.add_argument("--batch-size", type=parse_batch_sizes, default=[1], metavar="B[,B...]",
