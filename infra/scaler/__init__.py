@@ -1,0 +1,1 @@
+"""The autoscaler: a pure policy, a control loop, and backends that start and stop workers."""
