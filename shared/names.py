@@ -60,6 +60,16 @@ WORKER_HEARTBEAT_PATTERN = f"{PREFIX}:w:*"
 WORKERS = f"{PREFIX}:workers"
 
 
+def worker_control(worker_id: str) -> str:
+    """Pub/sub channel on which the scaler tells one worker to drain (`{"action": "drain"}`)."""
+    return f"{PREFIX}:ctl:{worker_id}"
+
+
+# Hash of the models the scaler manages (model -> JSON {state cold|warming|ready, desired, ...}),
+# so the gateway knows a model that has no worker at all, and says whether it is warming up.
+MODELS = f"{PREFIX}:models"
+
+
 def idempotency(tenant: str, key: str) -> str:
     """Maps a client's Idempotency-Key to the request it created."""
     return f"{PREFIX}:idem:{tenant}:{key}"

@@ -1,11 +1,11 @@
 """Settings of each process kind, read from `SLUICE_*` environment variables and checked at start.
 
 One class per process: `GatewaySettings`, `WorkerSettings`, `UpSettings` (the `sluice up`
-launcher). Every field can be set as `SLUICE_<FIELD>` (case-insensitive) or as a keyword argument;
-keyword arguments win. List fields take a comma-separated string (`SLUICE_API_KEYS=k1,k2`) or a
-JSON list. `load_settings(cls)` turns a validation failure into one readable
-`InvalidSettingsError` that names the environment variables, which is what an entry point should
-print before exiting.
+launcher), `ScalerSettings`. Every field can be set as `SLUICE_<FIELD>` (case-insensitive) or as
+a keyword argument; keyword arguments win. List fields take a comma-separated string
+(`SLUICE_API_KEYS=k1,k2`) or a JSON list. `load_settings(cls)` turns a validation failure into one
+readable `InvalidSettingsError` that names the environment variables, which is what an entry point
+should print before exiting.
 
 Nothing here imports torch or the engine: the valid dtypes and load formats are repeated below,
 and the engine checks them again when it loads the model.
@@ -233,6 +233,16 @@ class UpSettings(_Settings):
     redis_url: str | None = None  # None: start an embedded redis-server with its AOF in data_dir
     data_dir: Path = Field(default_factory=default_data_dir)
     device: str = Field(default="auto", pattern=_DEVICE_PATTERN)
+    # The scaler sizes the local worker fleet within these bounds; 1 and 1 is one steady worker,
+    # min_workers 0 scales to zero after idle_timeout_s with nothing queued or running.
+    min_workers: int = Field(default=1, ge=0)
+    max_workers: int = Field(default=1, ge=1)
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> UpSettings:
+        _check_bounds(self.min_workers, self.max_workers)
+        return self
 
     @field_validator("api_key")
     @classmethod
@@ -252,6 +262,57 @@ class UpSettings(_Settings):
     @classmethod
     def _data_dir(cls, v: Path) -> Path:
         return v.expanduser()
+
+
+def _check_bounds(min_workers: int, max_workers: int) -> None:
+    if min_workers > max_workers:
+        raise ValueError(f"min_workers ({min_workers}) must not exceed max_workers ({max_workers})")
+
+
+class ScalerSettings(_Settings):
+    """`sluice scaler` (and the scaler inside `sluice up`): sizes one model's worker fleet."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    model: str = Field(default="tiny", min_length=1)  # what a started worker loads
+    served_model_name: str | None = None  # the queue it serves; default: basename of model
+    backend: Literal["local", "kubernetes"] = "local"
+    min_workers: int = Field(default=0, ge=0)
+    max_workers: int = Field(default=4, ge=1)
+    # Scale to zero only after this long with nothing queued or running.
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    # Scale down only after the desired count stayed lower for this long (no flapping).
+    stabilization_s: float = Field(default=60.0, ge=0)
+    max_surge: int = Field(default=4, ge=1)  # most workers started by one decision
+    # Queued or running jobs one worker is expected to hold; the queue-based target is
+    # backlog / target_per_worker.
+    target_per_worker: int = Field(default=16, ge=1)
+    kv_high: float = Field(default=0.85, gt=0, le=1)  # ready workers above this KV usage: +1
+    interval_s: float = Field(default=1.0, gt=0)  # between two decisions
+    drain_timeout_s: float = Field(default=300.0, gt=0)  # then the backend removes it anyway
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    device: str = Field(default="auto", pattern=_DEVICE_PATTERN)  # of local workers
+    worker_args: StrList = Field(default_factory=list)  # extra `sluice worker` flags (local)
+    # Kubernetes backend: the worker Deployment to scale.
+    namespace: str = "default"
+    deployment: str = "sluice-worker"
+
+    @field_validator("worker_args", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return _split_list(v)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        return _check_redis_url(v)
+
+    @model_validator(mode="after")
+    def _derive_and_cross_check(self) -> ScalerSettings:
+        if self.served_model_name is None:
+            self.served_model_name = _check_model_name(Path(self.model.rstrip("/")).name
+                                                       or self.model)
+        _check_bounds(self.min_workers, self.max_workers)
+        return self
 
 
 S = TypeVar("S", bound=BaseSettings)
