@@ -89,6 +89,7 @@ class WorkerService:
         self._core: Any = None
         self._step_results: asyncio.Queue[Any] = asyncio.Queue()
         self._draining = asyncio.Event()
+        self._exit = asyncio.Event()  # set by SIGTERM: exit once drained
         self._in_flight_adds = 0
         self.max_model_len = 0
 
@@ -115,13 +116,20 @@ class WorkerService:
                  self.model_name, self.model_dir, self.stream)
         tasks = [asyncio.create_task(c) for c in (
             self._pull_loop(), self._result_loop(), self._heartbeat_loop(), self._cancel_loop(),
-            self._claim_loop())]
+            self._claim_loop(), self._control_loop())]
         await self._draining.wait()
         self.state = "draining"
         await self._heartbeat()
         log.info("draining: %d requests in flight", len(self.active))
         while self.active:
             await asyncio.sleep(0.05)
+        if not self._exit.is_set():
+            # Drained on the scaler's request: stay, idle and visible as "drained", until the
+            # backend removes this worker (a Deployment would restart a process that exited).
+            self.state = "drained"
+            await self._heartbeat()
+            log.info("drained; waiting to be removed")
+            await self._exit.wait()
         for t in tasks:
             t.cancel()
         await self.redis.delete(names.worker_heartbeat(self.settings.worker_id))
@@ -133,6 +141,7 @@ class WorkerService:
 
     def drain(self) -> None:
         """Stop reading jobs, finish what is running, exit."""
+        self._exit.set()
         self._draining.set()
 
     def _start_core(self) -> None:
@@ -468,6 +477,22 @@ class WorkerService:
                 continue
             if cancel.req_id in self.active:
                 self._commands.put(Abort([cancel.req_id]))
+
+    async def _control_loop(self) -> None:
+        """The scaler's orders: "drain" stops intake and finishes in-flight work, then the
+        worker reports "drained" and waits for SIGTERM."""
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(names.worker_control(self.settings.worker_id))
+        async for message in pubsub.listen():
+            if message.get("type") != "message":
+                continue
+            try:
+                action = json.loads(message["data"]).get("action")
+            except (ValueError, AttributeError):
+                continue
+            if action == "drain" and not self._draining.is_set():
+                log.info("drain requested by the scaler")
+                self._draining.set()
 
     async def _heartbeat_loop(self) -> None:
         while True:
