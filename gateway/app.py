@@ -17,9 +17,10 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import metrics
 from gateway.errors import error_response, install_error_handlers, sse_error_event, validate_request
@@ -61,6 +62,40 @@ class JobRequest(BaseModel):
     body: dict[str, Any]
 
 
+class BodyLimitAndMetrics:
+    """Refuses oversized bodies before they are read, and counts every HTTP request.
+
+    Plain ASGI on purpose: it passes each response chunk straight through, where a
+    decorator-style middleware would copy every chunk of every stream through a task and queue.
+    The latency observed is the time to the response's headers (for a stream, its start).
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        size = dict(scope["headers"]).get(b"content-length", b"")
+        if size.isdigit() and int(size) > self.max_body_bytes:
+            response = error_response(PayloadTooLargeError(
+                f"request body is {int(size)} bytes; the limit is {self.max_body_bytes}"))
+            await response(scope, receive, send)
+            metrics.observe_http(path, method, response.status_code, 0.0)
+            return
+        t0 = time.perf_counter()
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                metrics.observe_http(path, method, message["status"], time.perf_counter() - t0)
+            await send(message)
+
+        await self.app(scope, receive, send_counted)
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
     state: dict[str, Any] = {}
 
@@ -93,17 +128,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     Tenant = Annotated[str, Depends(tenant)]
 
-    @app.middleware("http")
-    async def limit_body_and_count(request: Request, call_next: Any) -> Response:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
-            return error_response(PayloadTooLargeError(
-                f"request body is {size} bytes; the limit is {settings.max_body_bytes}"))
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        metrics.observe_http(request.url.path, request.method, response.status_code,
-                             time.perf_counter() - t0)
-        return response
+    app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes)
 
     fleet: dict[str, Any] = {"models": [], "read_at": 0.0}
 
@@ -226,12 +251,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     async def next_event(queue: asyncio.Queue[Event], deadline: float,
                          timeout_s: float) -> Event | None:
+        if not queue.empty():  # the common case mid-stream: no timer to arm and cancel
+            return queue.get_nowait()
         remaining = deadline - time.time()
         if remaining <= 0:
             raise RequestTimeoutError("the request did not finish within the gateway's timeout")
         try:
             return await asyncio.wait_for(queue.get(), timeout=min(timeout_s, remaining))
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             return None
 
     async def collect(req: Any, kind: str, job: Job, queue: asyncio.Queue[Event],
@@ -279,18 +306,26 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 if ev is None:
                     yield ": keep-alive\n\n"  # the job may wait in Redis for a worker
                     continue
-                if ev.error is not None:
-                    yield sse_error_event(_worker_error(ev))
-                    finished = True
-                    return
-                if not progress.accept(ev):
-                    continue
-                clock.tick()
-                seen.append(ev)
-                usage = ev.usage or usage
-                for chunk in _stream_chunks(ev, kind, job, offsets, first=not first.get(ev.index)):
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                first[ev.index] = True
+                # Everything already here (one worker step's events, usually) goes out as one
+                # write: one chunk of the response per step, not one per token.
+                out: list[str] = []
+                while ev is not None:
+                    if ev.error is not None:
+                        out.append(sse_error_event(_worker_error(ev)))
+                        yield "".join(out)
+                        finished = True
+                        return
+                    if progress.accept(ev):
+                        clock.tick()
+                        seen.append(ev)
+                        usage = ev.usage or usage
+                        for chunk in _stream_chunks(ev, kind, job, offsets,
+                                                    first=not first.get(ev.index)):
+                            out.append(f"data: {json.dumps(chunk)}\n\n")
+                        first[ev.index] = True
+                    ev = queue.get_nowait() if not queue.empty() and not progress.done else None
+                if out:
+                    yield "".join(out)
             if usage is not None and stream_include_usage(req):
                 chunk = usage_chunk(kind=kind, request_id=job.id, model=job.model,  # type: ignore[arg-type]
                                     created=int(job.created), usage=usage)
