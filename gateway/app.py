@@ -48,6 +48,7 @@ from shared.errors import (
     SluiceError,
     error_from_type,
 )
+from shared.fleet import fleet_view, live_workers, model_names, model_state, registry
 from shared.messages import Cancel, CompletionRecord, Event, Job, RequestRecord, Usage
 from shared.settings import GatewaySettings
 
@@ -130,19 +131,28 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.max_body_bytes)
 
-    fleet: dict[str, Any] = {"models": [], "read_at": 0.0}
+    fleet: dict[str, Any] = {"models": [], "states": {}, "read_at": 0.0}
+
+    async def read_fleet() -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+        """Worker heartbeats and the scaler's model registry, raw."""
+        pipe = state["redis"].pipeline(transaction=False)
+        pipe.hgetall(names.WORKERS)
+        pipe.hgetall(names.MODELS)
+        beats, models = await pipe.execute()
+        return beats, models
 
     async def served_models() -> list[str]:
-        """Models some live worker serves, from the heartbeat hash, read at most twice a second."""
-        if settings.models:
-            return list(settings.models)
+        """Models some live worker serves or the scaler manages (maybe at zero workers), read at
+        most twice a second; their states (cold, warming, ready) go to fleet["states"]."""
         now = time.time()
         if now - fleet["read_at"] > 0.5:
-            beats = await state["redis"].hgetall(names.WORKERS)
-            fleet["models"] = sorted({b["model"] for b in map(json.loads, beats.values())
-                                      if b.get("expires", 0) > now})
+            beats, models = await read_fleet()
+            workers, known = live_workers(beats, now), registry(models)
+            fleet["models"] = model_names(workers, known)
+            fleet["states"] = {m: model_state(m, workers, known.get(m))
+                               for m in {*fleet["models"], *settings.models}}
             fleet["read_at"] = now
-        return list(fleet["models"])
+        return list(settings.models or fleet["models"])
 
     async def check_model(model: str) -> None:
         if model not in await served_models():
@@ -404,8 +414,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def list_models(tenant_id: Tenant) -> dict[str, Any]:
         now = int(time.time())
         return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": now, "owned_by": "sluice"}
+            {"id": m, "object": "model", "created": now, "owned_by": "sluice",
+             "state": fleet["states"].get(m, "cold")}
             for m in await served_models()]}
+
+    @app.get("/v1/fleet")
+    async def get_fleet(tenant_id: Tenant) -> dict[str, Any]:
+        """Models, queue depths and workers, as `sluice status` prints them."""
+        beats, models = await read_fleet()
+        now = time.time()
+        listed = model_names(live_workers(beats, now), registry(models))
+        depths = {m: int(await state["redis"].xlen(names.queue(m))) for m in listed}
+        return fleet_view(beats, models, depths, now)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
