@@ -41,8 +41,9 @@ _FINISH_REASONS = {
 class LogitsMask(Protocol):
     """Per-request hook that restricts the next token (structured output).
 
-    `allowed_tokens` returns a bool tensor of shape [vocab_size] (True = allowed) or None for
-    no restriction this step; `accept_token` advances the hook's state with the sampled token.
+    `allowed_tokens` returns a bool tensor of shape [vocab_size] (True = allowed), the same
+    packed as int32 [ceil(vocab_size / 32)] (bit t % 32 of word t // 32), or None for no
+    restriction this step; `accept_token` advances the hook's state with the sampled token.
     An exception from either finishes only this request, with finish_reason "error".
     """
 

@@ -191,13 +191,7 @@ class Sampler:
             allowed_rows.append(allowed)
         if not rows:
             return None
-        device = logits.device
-        if all(m.device.type == "cpu" for m in allowed_rows):
-            # Hooks usually build masks on the host: stack there and cross over once.
-            allowed_all = self._to_device(torch.stack(allowed_rows), device)
-        else:
-            allowed_all = torch.stack([self._to_device(m, device) for m in allowed_rows])
-        # allowed_all: [n_mask, vocab] bool
+        allowed_all = self._stack_masks(allowed_rows, logits.device)  # [n_mask, vocab] bool
         index = self._tensor(rows, torch.long, logits)
         before = logits.index_select(0, index)  # [n_mask, vocab]
         restricted = before.masked_fill(~allowed_all, _NEG_INF)
@@ -208,10 +202,32 @@ class Sampler:
         logits.index_copy_(0, index, restricted)
         return _MaskState(rows, empty=~allowed_all.any(dim=-1), dead=dead)
 
+    def _stack_masks(self, masks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Per-row masks, bool [vocab] or packed int32 [ceil(vocab / 32)], as one bool
+        [n, vocab] on `device`. Packed rows cross to the device packed (32x smaller) and are
+        unpacked there together, in one op for the batch."""
+        if all(m.device.type == "cpu" for m in masks):
+            # Hooks usually build masks on the host: stack there and cross over once.
+            packed = [m for m in masks if m.dtype == torch.int32]
+            if len(packed) == len(masks):
+                return _unpack_bits(self._to_device(torch.stack(packed), device), self.vocab_size)
+            if not packed:
+                return self._to_device(torch.stack(masks), device)
+        return torch.cat([
+            _unpack_bits(self._to_device(m, device)[None], self.vocab_size)
+            if m.dtype == torch.int32 else self._to_device(m, device)[None] for m in masks])
+
     def _check_mask(self, allowed: object) -> torch.Tensor:
         mask = torch.as_tensor(allowed)
+        if mask.dtype == torch.int32:
+            words = (self.vocab_size + 31) // 32
+            if tuple(mask.shape) != (words,):
+                raise ValueError(f"logits mask packed as int32 must have shape [{words}], "
+                                 f"got {list(mask.shape)}")
+            return mask
         if mask.dtype != torch.bool:
-            raise TypeError(f"logits mask must be a bool tensor, got dtype {mask.dtype}")
+            raise TypeError(f"logits mask must be a bool or packed int32 tensor, got dtype "
+                            f"{mask.dtype}")
         if tuple(mask.shape) != (self.vocab_size,):
             raise ValueError(f"logits mask must have shape [{self.vocab_size}], "
                              f"got {list(mask.shape)}")
@@ -462,6 +478,13 @@ def _is_random(p: SamplingParams) -> bool:
 def _has_penalty(p: SamplingParams) -> bool:
     return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0)
+
+
+def _unpack_bits(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """packed: [n, ceil(vocab / 32)] int32, bit t % 32 of word t // 32 -> [n, vocab] bool."""
+    shifts = torch.arange(32, dtype=torch.int32, device=packed.device)
+    bits = (packed[:, :, None] >> shifts) & 1  # [n, words, 32]
+    return bits.reshape(packed.shape[0], -1)[:, :vocab_size].bool()
 
 
 def _bincount_rows(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

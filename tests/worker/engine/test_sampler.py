@@ -6,6 +6,7 @@ import gc
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -517,7 +518,7 @@ def test_mask_of_wrong_shape_or_dtype_is_an_error() -> None:
 
     class WrongDtype:
         def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
-            return torch.ones(vocab_size, dtype=torch.int32)
+            return torch.ones(vocab_size, dtype=torch.float32)
 
     logits = random_logits(3, seed=13)
     reqs = [make_request(SamplingParams.greedy(), mask=WrongShape()),
@@ -528,6 +529,33 @@ def test_mask_of_wrong_shape_or_dtype_is_an_error() -> None:
     assert out.errors[1] is not None and out.errors[1].startswith("TypeError: logits mask")
     assert out.errors[2] is None
     assert out.token_ids == logits.argmax(dim=-1).tolist()  # failed rows stay unrestricted
+
+
+class PackedMask(ConstMask):
+    """The same mask packed 32 tokens to an int32 word, as grammar backends fill it."""
+
+    def allowed_tokens(self, vocab_size: int) -> torch.Tensor | None:
+        mask = super().allowed_tokens(vocab_size)
+        if mask is None:
+            return None
+        bits = np.zeros((vocab_size + 31) // 32 * 32, dtype=bool)
+        bits[:vocab_size] = mask.numpy()
+        return torch.from_numpy(np.packbits(bits, bitorder="little").view("<i4").copy())
+
+
+@pytest.mark.parametrize("allowed", [[1, 2, 3], [31], [0, 31, VOCAB - 1]])
+def test_packed_mask_restricts_like_a_bool_mask(allowed: list[int]) -> None:
+    logits = random_logits(3, seed=15)
+    params = SamplingParams.greedy()
+    packed = Sampler(VOCAB)(logits, [make_request(params, mask=PackedMask(allowed)),
+                                     make_request(params, mask=ConstMask([4, 9])),
+                                     make_request(params)])
+    plain = Sampler(VOCAB)(logits, [make_request(params, mask=ConstMask(allowed)),
+                                    make_request(params, mask=ConstMask([4, 9])),
+                                    make_request(params)])
+    assert packed.errors == [None] * 3
+    assert packed.token_ids[0] in allowed and packed.token_ids[1] in {4, 9}
+    assert packed.token_ids == plain.token_ids
 
 
 def test_mask_allowing_only_blocked_stop_tokens_is_an_error() -> None:
