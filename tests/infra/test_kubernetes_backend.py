@@ -1,0 +1,156 @@
+"""The Kubernetes backend, through the official client, against an in-memory API server."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+from k8s_api import COST, PATCH_TYPES, FakeKubernetesApi
+
+from infra.scaler.backend import Backend
+from infra.scaler.kubernetes import (
+    DRAINED_POD_DELETION_COST,
+    DeploymentNotFoundError,
+    KubernetesBackend,
+    KubernetesBackendError,
+    KubernetesForbiddenError,
+    KubernetesUnreachableError,
+)
+
+NS, WORKERS = "sluice", "sluice-worker"
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubernetesApi]:
+    server = FakeKubernetesApi(NS).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def backend(api: FakeKubernetesApi) -> Iterator[KubernetesBackend]:
+    b = KubernetesBackend(NS, WORKERS, host=api.url)
+    yield b
+    b.close()
+
+
+def test_is_a_backend(backend: KubernetesBackend) -> None:
+    b: Backend = backend
+    assert b.name == "kubernetes"
+
+
+def test_replicas_reads_the_scale_subresource(api: FakeKubernetesApi,
+                                              backend: KubernetesBackend) -> None:
+    api.add_deployment(WORKERS, 3)
+    assert backend.replicas() == 3
+    assert api.requests[-1].method == "GET"
+    assert api.requests[-1].path == f"/apis/apps/v1/namespaces/{NS}/deployments/{WORKERS}/scale"
+
+
+def test_scale_up_patches_replicas(api: FakeKubernetesApi, backend: KubernetesBackend) -> None:
+    api.add_deployment(WORKERS, 0)
+    backend.scale_up(2)
+    backend.scale_up(1)
+    assert backend.replicas() == 3
+    assert api.deployments[WORKERS].replicas == 3
+    patches = [r for r in api.requests if r.method == "PATCH"]
+    assert [p.body["spec"]["replicas"] for p in patches] == [2, 3]
+    assert all(p.content_type in PATCH_TYPES for p in patches)
+    # Every change names the version it was computed from.
+    assert all(p.body["metadata"]["resourceVersion"] for p in patches)
+
+
+def test_scale_up_by_zero_changes_nothing(api: FakeKubernetesApi,
+                                          backend: KubernetesBackend) -> None:
+    api.add_deployment(WORKERS, 1)
+    backend.scale_up(0)
+    assert not [r for r in api.requests if r.method == "PATCH"]
+
+
+def test_remove_takes_exactly_the_drained_pods(api: FakeKubernetesApi,
+                                               backend: KubernetesBackend) -> None:
+    pods = api.add_deployment(WORKERS, 4)
+    drained = [pods[0], pods[2]]  # the oldest pods: without the cost, the newest would go
+    backend.remove(drained)
+    assert api.deployments[WORKERS].replicas == 2
+    assert api.pod_names(WORKERS) == [pods[1], pods[3]]
+    annotations = [r for r in api.requests if r.method == "PATCH" and "/pods/" in r.path]
+    assert sorted(r.path.rsplit("/", 1)[1] for r in annotations) == sorted(drained)
+    assert all(r.body["metadata"]["annotations"][COST] == str(DRAINED_POD_DELETION_COST)
+               for r in annotations)
+    # The pods are marked before the count drops, so the controller already sees the costs.
+    kinds = ["pod" if "/pods/" in r.path else "scale" for r in api.requests if r.method == "PATCH"]
+    assert kinds == ["pod", "pod", "scale"]
+
+
+def test_remove_skips_ids_that_are_no_pod_of_the_deployment(
+        api: FakeKubernetesApi, backend: KubernetesBackend,
+        caplog: pytest.LogCaptureFixture) -> None:
+    pods = api.add_deployment(WORKERS, 3)
+    api.add_deployment("other", 1)
+    with caplog.at_level(logging.WARNING):
+        backend.remove([pods[1], "other-0", "laptop-1234-abc", pods[1]])
+    # Only the one real pod counts: lowering by more would take an undrained worker.
+    assert api.deployments[WORKERS].replicas == 2
+    assert api.pod_names(WORKERS) == [pods[0], pods[2]]
+    assert api.pod_names("other") == ["other-0"]
+    assert "other-0" in caplog.text and "laptop-1234-abc" in caplog.text
+
+
+def test_remove_of_nothing_known_leaves_replicas(api: FakeKubernetesApi,
+                                                 backend: KubernetesBackend) -> None:
+    api.add_deployment(WORKERS, 2)
+    backend.remove(["gone-pod"])
+    backend.remove([])
+    assert api.deployments[WORKERS].replicas == 2
+    assert not [r for r in api.requests if r.method == "PATCH"]
+
+
+def test_conflict_rereads_and_retries(api: FakeKubernetesApi, backend: KubernetesBackend) -> None:
+    api.add_deployment(WORKERS, 1)
+    api.interfering_patches = 2
+    backend.scale_up(1)
+    assert api.deployments[WORKERS].replicas == 2
+    assert len([r for r in api.requests if r.method == "PATCH"]) == 3
+
+
+def test_endless_conflicts_raise(api: FakeKubernetesApi, backend: KubernetesBackend) -> None:
+    api.add_deployment(WORKERS, 1)
+    api.interfering_patches = 100
+    with pytest.raises(KubernetesBackendError, match="another autoscaler"):
+        backend.scale_up(1)
+
+
+def test_missing_deployment_says_what_to_do(api: FakeKubernetesApi,
+                                            backend: KubernetesBackend) -> None:
+    with pytest.raises(DeploymentNotFoundError, match=f"{NS}/{WORKERS}.*kubectl apply -k"):
+        backend.replicas()
+
+
+@pytest.mark.parametrize(("method", "resource", "call"), [
+    ("GET", "scale", lambda b, pods: b.replicas()),
+    ("PATCH", "scale", lambda b, pods: b.scale_up(1)),
+    ("PATCH", "pods", lambda b, pods: b.remove(pods[:1])),
+])
+def test_forbidden_names_the_missing_permission(api: FakeKubernetesApi,
+                                                backend: KubernetesBackend, method: str,
+                                                resource: str,
+                                                call: Callable[[KubernetesBackend, list[str]], None]) -> None:
+    pods = api.add_deployment(WORKERS, 2)
+    api.forbidden.add((method, resource))
+    with pytest.raises(KubernetesForbiddenError, match=r"infra/k8s/scaler\.yaml") as e:
+        call(backend, pods)
+    assert "is forbidden" in str(e.value)  # the server's own words travel along
+    assert api.deployments[WORKERS].replicas == 2
+
+
+def test_unreachable_api_server() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = KubernetesBackend(NS, WORKERS, host=f"http://127.0.0.1:{port}")
+    with pytest.raises(KubernetesUnreachableError, match=f"127.0.0.1:{port}"):
+        backend.replicas()
+    backend.close()
