@@ -37,6 +37,12 @@ from gateway.protocol import (
     usage_chunk,
 )
 from gateway.replies import Progress, ReplyRouter
+from gateway.structured import (
+    ToolCallStream,
+    deprecation_headers,
+    tool_call_response,
+    uses_tool_calls,
+)
 from shared import names
 from shared.errors import (
     AuthenticationError,
@@ -235,6 +241,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         # or its resubmission would wait for a result that never comes.
         job = to_job(req, model=req.model, request_id=req_id, tenant=tenant_id,
                      reply_channel=router.channel, deadline=deadline)
+        deprecation = deprecation_headers(req)  # old guided_* fields: honored, and flagged
         earlier = await remember_idempotent(tenant_id, kind, idempotency_key, req_id, req.model)
         if earlier is not None:  # same request again: the first one's result, never a rerun
             record = await wait_record(req.model, earlier, deadline)
@@ -242,9 +249,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 raise error_from_type(record.error_type, record.error or f"request {record.status}")
             if req.stream:
                 return StreamingResponse(_replay(record, kind, req), media_type="text/event-stream",
-                                         headers={"X-Request-Id": earlier})
+                                         headers={"X-Request-Id": earlier, **deprecation})
             return JSONResponse(_respond(kind, earlier, record.model, record.completions,
-                                         record.usage, int(record.created)))
+                                         record.usage, int(record.created),
+                                         tools=uses_tool_calls(req)), headers=deprecation)
         await admit_or_release(req.model, tenant_id, kind, idempotency_key)
         queue = router.register(req_id)
         try:
@@ -255,9 +263,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if req.stream:
             return StreamingResponse(stream(req, kind, job, queue, deadline),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": req_id})
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": req_id,
+                                              **deprecation})
         return JSONResponse(await collect(req, kind, job, queue, deadline),
-                            headers={"X-Request-Id": req_id})
+                            headers={"X-Request-Id": req_id, **deprecation})
 
     async def next_event(queue: asyncio.Queue[Event], deadline: float,
                          timeout_s: float) -> Event | None:
@@ -293,7 +302,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 cancel_soon(job.model, job.id)
         metrics.observe_finished(job.model, events, time.perf_counter() - t0)
         completions, usage = completions_from_events(events)
-        return _respond(kind, job.id, job.model, completions, usage, int(job.created))
+        return _respond(kind, job.id, job.model, completions, usage, int(job.created),
+                        tools=job.tools is not None)
 
     async def stream(req: Any, kind: str, job: Job, queue: asyncio.Queue[Event],
                      deadline: float) -> AsyncIterator[str]:
@@ -305,6 +315,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         clock = metrics.StreamClock(job.model)
         seen: list[Event] = []
         offsets: dict[int, int] = {}
+        tool_calls = ToolCallStream() if job.tools is not None else None
         try:
             while not progress.done:
                 try:
@@ -329,8 +340,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         clock.tick()
                         seen.append(ev)
                         usage = ev.usage or usage
-                        for chunk in _stream_chunks(ev, kind, job, offsets,
-                                                    first=not first.get(ev.index)):
+                        chunks = _stream_chunks(ev, kind, job, offsets,
+                                                first=not first.get(ev.index))
+                        for chunk in tool_calls.rewrite(chunks) if tool_calls else chunks:
                             out.append(f"data: {json.dumps(chunk)}\n\n")
                         first[ev.index] = True
                     ev = queue.get_nowait() if not queue.empty() and not progress.done else None
@@ -397,8 +409,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                           "cancelling" if cancelled else "queued_or_running", None))
         result = None
         if record.status == "completed":
+            body = meta["body"]
             result = _respond(meta["kind"], job_id, record.model, record.completions, record.usage,
-                              int(record.created))
+                              int(record.created), tools=bool(body.get("tools")) and body.get(
+                                  "tool_choice", "auto") != "none")
         view = _job_view(job_id, meta["model"], record.status, result)
         if record.error:
             view["error"] = {"message": record.error, "type": record.error_type or "server_error"}
@@ -454,20 +468,24 @@ def _job_view(job_id: str, model: str, status: str, result: Any) -> dict[str, An
 
 
 def _respond(kind: str, req_id: str, model: str, completions: list[CompletionRecord],
-             usage: Usage | None, created: int) -> dict[str, Any]:
+             usage: Usage | None, created: int, tools: bool = False) -> dict[str, Any]:
+    """`tools`: the request could call tools, so its text is read for tool calls."""
     build = chat_completion_response if kind == "chat" else completion_response
-    return build(request_id=req_id, model=model, completions=completions, usage=usage,
-                 created=created)
+    response = build(request_id=req_id, model=model, completions=completions, usage=usage,
+                     created=created)
+    return tool_call_response(response) if tools and kind == "chat" else response
 
 
 async def _replay(record: RequestRecord, kind: str, req: Any) -> AsyncIterator[str]:
     """A finished request as a stream: one event per completion, then usage and [DONE]."""
     job = Job(id=record.id, model=record.model, kind=record.kind, created=record.created)
     offsets: dict[int, int] = {}
+    tool_calls = ToolCallStream() if kind == "chat" and uses_tool_calls(req) else None
     for c in record.completions:
         ev = Event(req_id=record.id, index=c.index, seq=0, text=c.text, token_ids=c.token_ids,
                    finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-        for chunk in _stream_chunks(ev, kind, job, offsets, first=True):
+        chunks = _stream_chunks(ev, kind, job, offsets, first=True)
+        for chunk in tool_calls.rewrite(chunks) if tool_calls else chunks:
             yield f"data: {json.dumps(chunk)}\n\n"
     if record.usage is not None and stream_include_usage(req):
         chunk = usage_chunk(kind=kind, request_id=record.id, model=record.model,  # type: ignore[arg-type]

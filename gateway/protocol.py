@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from gateway.structured import request_grammar, uses_tool_calls
 from shared.errors import BadRequestError
 from shared.messages import CompletionRecord, Event, Job, Usage
 from worker.engine.errors import InvalidSamplingParamsError
@@ -41,21 +42,11 @@ _INT64 = (-(2**63), 2**63 - 1)  # seeds are int64 in the OpenAI API and in torch
 
 # Fields that would change the result but are not implemented, with the reason the client sees.
 # Sending one is an error, never silently ignored; null (and the values in _NOOP) mean "not used".
-_STRUCTURED_LATER = "not supported; structured outputs are not supported yet"
-_TOOLS_LATER = "not supported; tool calling is not supported yet"
+_FUNCTIONS_OLD = "not supported; use tools and tool_choice"
 _UNSUPPORTED: dict[str, str] = {
     "logit_bias": "not supported",
-    "response_format": 'only {"type": "text"} is supported; structured outputs are not '
-                       "supported yet",
-    "structured_outputs": _STRUCTURED_LATER,
-    **{f"guided_{name}": _STRUCTURED_LATER for name in (
-        "json", "regex", "choice", "grammar", "json_object", "decoding_backend",
-        "whitespace_pattern")},
-    "tools": _TOOLS_LATER,
-    "tool_choice": _TOOLS_LATER,
-    "functions": _TOOLS_LATER,
-    "function_call": _TOOLS_LATER,
-    "tool_calls": _TOOLS_LATER,
+    "functions": _FUNCTIONS_OLD,
+    "function_call": _FUNCTIONS_OLD,
     "audio": "not supported; audio input and output are not supported",
     "modalities": 'not supported; only ["text"] is',
     "prediction": "not supported",
@@ -77,12 +68,8 @@ _UNSUPPORTED: dict[str, str] = {
 # Values of those fields that change nothing, so clients that always send them keep working.
 _NOOP: dict[str, list[Any]] = {
     "logit_bias": [{}],
-    "response_format": [{"type": "text"}],
-    "tools": [[]],
     "functions": [[]],
-    "tool_choice": ["none"],
     "function_call": ["none"],
-    "tool_calls": [[]],
     "modalities": [["text"]],
     "suffix": [""],
     "use_beam_search": [False],
@@ -127,7 +114,7 @@ class ChatMessage(_Strict):
     # What clients send back when they replay an assistant message they received.
     refusal: str | None = None
     annotations: list[Any] | None = None
-    tool_calls: Unsupported = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls, replayed
     function_call: Unsupported = None
     audio: Unsupported = None
 
@@ -174,7 +161,60 @@ class ChatMessage(_Strict):
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
         return out
+
+
+class JsonSchemaFormat(_Strict):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format; "structural_tag" takes vLLM's structures and triggers."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs: exactly one constraint, plus JSON whitespace options."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark, or GBNF/EBNF
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    whitespace_pattern: str | None = None
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: any object
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _Common(_Strict):
@@ -212,16 +252,18 @@ class _Common(_Strict):
     request_id: str | None = Field(default=None, min_length=1, max_length=128,
                                    pattern=r"^[A-Za-z0-9_.:-]+$")
 
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # Deprecated names of structured_outputs' fields: honored, with a deprecation header.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_json_object: bool | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+
     logit_bias: Unsupported = None
-    response_format: Unsupported = None
-    structured_outputs: Unsupported = None
-    guided_json: Unsupported = None
-    guided_regex: Unsupported = None
-    guided_choice: Unsupported = None
-    guided_grammar: Unsupported = None
-    guided_json_object: Unsupported = None
-    guided_decoding_backend: Unsupported = None
-    guided_whitespace_pattern: Unsupported = None
     length_penalty: Unsupported = None
     use_beam_search: Unsupported = None
     truncate_prompt_tokens: Unsupported = None
@@ -252,11 +294,11 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    tools: Unsupported = None
-    tool_choice: Unsupported = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call
     functions: Unsupported = None
     function_call: Unsupported = None
-    parallel_tool_calls: bool | None = None  # without tools it changes nothing
     audio: Unsupported = None
     modalities: Unsupported = None
     prediction: Unsupported = None
@@ -410,9 +452,12 @@ def to_job(req: Request, *, model: str, request_id: str, tenant: str,
         "id": request_id, "model": model, "sampling": sampling_params(req),
         "stream": bool(req.stream), "reply_channel": reply_channel,
         "priority": req.priority or 0, "tenant": tenant, "deadline": deadline,
+        "grammar": request_grammar(req),
     }
     if isinstance(req, ChatCompletionRequest):
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         return Job(kind="chat", messages=[m.to_job_message() for m in req.messages],
+                   tools=tools if tools and uses_tool_calls(req) else None,
                    add_generation_prompt=(True if req.add_generation_prompt is None
                                           else req.add_generation_prompt),
                    chat_template_kwargs=req.chat_template_kwargs or {}, **common)

@@ -33,6 +33,10 @@ class Job(BaseModel):
     created: float = Field(default_factory=time.time)
     deadline: float | None = None  # epoch seconds; a job past it is dropped with an error
     resume_from: int = 0  # tokens already streamed to the client by an earlier delivery
+    # Structured output: llguidance grammar text, built and validated by the gateway; every
+    # worker compiles it against its own tokenizer.
+    grammar: str | None = None
+    tools: list[dict[str, Any]] | None = None  # chat: for the template to show the model
 
 
 class Usage(BaseModel):

@@ -26,6 +26,8 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0
+    grammar: str | None = None  # llguidance grammar text: structured output
+    grammar_prefix: list[int] = field(default_factory=list)  # output tokens of a resumed request
 
 
 @dataclass
@@ -76,6 +78,9 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
     from worker.engine.config import EngineConfig
     from worker.engine.engine import Engine
     from worker.engine.errors import InvalidRequestError
+    from worker.structured.matcher import GrammarCompiler, build_tokenizer
+    from worker.structured.pending import PendingGrammars
+    from worker.tokenizer import Tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parent = os.getppid()  # before the slow engine start, during which the front may die
@@ -87,6 +92,9 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
         results.put(Failed(f"{type(e).__name__}: {e}"))
         return
     results.put(Ready(engine.max_model_len, engine.vocab_size, engine.stats()))
+    grammars: PendingGrammars[AddRequest] = PendingGrammars(GrammarCompiler(
+        lambda: build_tokenizer(Tokenizer.load(engine_args["model_dir"]).hf, engine.vocab_size,
+                                engine.eos_token_ids), engine.vocab_size))
     while True:
         rejected: list[Rejected] = []
         outputs: list[EngineOutput] = []
@@ -94,8 +102,11 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
         # Idle: block for the next command instead of spinning, but notice a front that died
         # without saying so (killed), so the engine and its memory do not outlive it.
         while not engine.has_unfinished_requests() and not pending:
+            if grammars.any_ready():
+                break
             try:
-                pending.append(commands.get(timeout=1.0))
+                # While grammars compile, look back soon: their requests start when they are done.
+                pending.append(commands.get(timeout=0.005 if len(grammars) else 1.0))
             except queue.Empty:
                 if os.getppid() != parent:
                     log.warning("the worker front is gone; the engine core exits")
@@ -108,7 +119,9 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
         for cmd in pending:
             if isinstance(cmd, Shutdown):
                 return
-            if isinstance(cmd, AddRequest):
+            if isinstance(cmd, AddRequest) and cmd.grammar is not None:
+                grammars.add(cmd.request_id, cmd, cmd.grammar, cmd.grammar_prefix)
+            elif isinstance(cmd, AddRequest):
                 try:
                     engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
                                        priority=cmd.priority)
@@ -116,10 +129,21 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
                     rejected.append(Rejected(cmd.request_id, str(e)))
             elif isinstance(cmd, Abort):
                 outputs += engine.abort(cmd.request_ids)
+                outputs += [EngineOutput(rid, 0, [], finish_reason="abort")
+                            for rid in grammars.remove(cmd.request_ids)]
             elif isinstance(cmd, StopCompletion):
                 engine.stop_completion(cmd.request_id, cmd.index, cmd.stop_reason)
+        compiled = grammars.pop_ready()
+        for rid, cmd, mask, why in compiled:
+            try:
+                if mask is None:
+                    raise InvalidRequestError(f"structured output: {why}")
+                engine.add_request(rid, cmd.prompt_token_ids, cmd.params, priority=cmd.priority,
+                                   logits_mask=mask)
+            except InvalidRequestError as e:
+                rejected.append(Rejected(rid, str(e)))
         t0 = time.perf_counter()
         if engine.has_unfinished_requests():
             outputs += engine.step()
-        if outputs or rejected or pending:
+        if outputs or rejected or pending or compiled:
             results.put(StepResult(outputs, engine.stats(), rejected, time.perf_counter() - t0))

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from worker.engine.config import EngineConfig
 from worker.engine.engine import Engine
 from worker.engine.errors import InvalidRequestError
+from worker.engine.request import LogitsMask
 from worker.engine.sampling_params import SamplingParams
 from worker.models.registry import resolve_model
 from worker.outputs import OutputProcessor, RequestOutput
@@ -44,15 +45,18 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 logits_masks: Sequence[LogitsMask | None] | None = None
                  ) -> list[RequestOutput]:
-        """Runs prompts to completion; results come back in the order of the prompts."""
+        """Runs prompts to completion; results come back in the order of the prompts.
+
+        `logits_masks`: one per prompt (or None), e.g. `worker.structured` grammar matchers."""
         single = isinstance(prompts, str | dict) or (
             isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int))
         prompt_list: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
         encoded = [self._encode(p) for p in prompt_list]
-        return self._run(encoded, params_list, priority, use_tqdm)
+        return self._run(encoded, params_list, priority, use_tqdm, logits_masks)
 
     def chat(self, messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -73,16 +77,20 @@ class LLM:
         return self._run(encoded, params_list, None, use_tqdm)
 
     def _run(self, encoded: list[tuple[str | None, list[int]]], params_list: list[SamplingParams],
-             priority: Sequence[int] | None, use_tqdm: bool) -> list[RequestOutput]:
+             priority: Sequence[int] | None, use_tqdm: bool,
+             logits_masks: Sequence[LogitsMask | None] | None = None) -> list[RequestOutput]:
         if priority is not None and len(priority) != len(encoded):
             raise InvalidRequestError("priority needs one value per prompt", param="priority")
+        if logits_masks is not None and len(logits_masks) != len(encoded):
+            raise InvalidRequestError("logits_masks needs one entry per prompt")
         processor = OutputProcessor(self.tokenizer)
         ids = []
         try:
             for i, ((text, token_ids), params) in enumerate(zip(encoded, params_list, strict=True)):
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, token_ids, params,
-                                        priority=priority[i] if priority is not None else 0)
+                                        priority=priority[i] if priority is not None else 0,
+                                        logits_mask=logits_masks[i] if logits_masks else None)
                 processor.add_request(rid, text, token_ids, params)
                 ids.append(rid)
         except Exception:

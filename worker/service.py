@@ -258,13 +258,16 @@ class WorkerService:
         self.metrics.admitted(job.id, job.created, len(prompt_ids))
         self.processor.add_request(job.id, job.prompt, engine_prompt, params)
         self._in_flight_adds += 1
-        self._commands.put(AddRequest(job.id, engine_prompt, params, job.priority))
+        # A resumed request's matcher is advanced over the tokens it already produced.
+        self._commands.put(AddRequest(job.id, engine_prompt, params, job.priority, job.grammar,
+                                      list(active.resumed_token_ids)))
 
     def _tokenize(self, job: Job) -> list[int]:
         if job.kind == "chat":
+            extra: dict[str, Any] = {"tools": job.tools} if job.tools else {}
             return self.tokenizer.apply_chat_template(
                 job.messages or [], add_generation_prompt=job.add_generation_prompt,
-                **job.chat_template_kwargs)
+                **extra, **job.chat_template_kwargs)
         if job.prompt_token_ids is not None:
             return list(job.prompt_token_ids)
         return self.tokenizer.encode(job.prompt or "")

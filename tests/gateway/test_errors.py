@@ -126,11 +126,6 @@ def test_every_offending_field_is_named(client: TestClient) -> None:
         assert part in msg
 
 
-def test_guided_field_is_rejected(client: TestClient) -> None:
-    err = error_of(client.post("/v1/chat/completions", json={**BODY, "guided_regex": "a+"}), 400)
-    assert err["param"] == "guided_regex" and "not supported" in err["message"]
-
-
 def test_unknown_route(client: TestClient) -> None:
     err = error_of(client.post("/v1/nothing", json=BODY), 404)
     assert err["type"] == "not_found_error"
