@@ -82,7 +82,7 @@ def load_api_client(host: str | None = None) -> Any:
             raise KubernetesConfigError(
                 "no Kubernetes credentials: not running in a pod with a service account "
                 f"({in_cluster}) and no usable kubeconfig ({e}); run the scaler in the cluster "
-                "(infra/k8s/scaler.yaml) or point KUBECONFIG at a kubeconfig file") from e
+                "(infra/k8s) or point KUBECONFIG at a kubeconfig file") from e
     return client.ApiClient(cfg)
 
 
@@ -226,7 +226,7 @@ class KubernetesBackend:
             return KubernetesForbiddenError(
                 f"not allowed to {action} {self._where} ({detail}): the scaler's service account "
                 f"needs get/patch on {resource} in namespace {self.namespace!r}; apply the Role "
-                "and RoleBinding of infra/k8s/scaler.yaml")
+                "and RoleBinding of infra/k8s/base/scaler.yaml")
         return KubernetesBackendError(
             f"could not {action} {self._where}: HTTP {status} {e.reason or ''} ({detail})")
 

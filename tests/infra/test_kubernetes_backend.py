@@ -140,7 +140,7 @@ def test_forbidden_names_the_missing_permission(api: FakeKubernetesApi,
                                                 call: Callable[[KubernetesBackend, list[str]], None]) -> None:
     pods = api.add_deployment(WORKERS, 2)
     api.forbidden.add((method, resource))
-    with pytest.raises(KubernetesForbiddenError, match=r"infra/k8s/scaler\.yaml") as e:
+    with pytest.raises(KubernetesForbiddenError, match=r"infra/k8s/base/scaler\.yaml") as e:
         call(backend, pods)
     assert "is forbidden" in str(e.value)  # the server's own words travel along
     assert api.deployments[WORKERS].replicas == 2
