@@ -17,6 +17,7 @@ Commands:
   worker     run one worker alone (needs a Redis)
   generate   run prompts through the engine in this process and print the completions
   model      make the built-in models (e.g. `sluice model tiny DIR`)
+  bench      load-test any OpenAI-compatible server (Sluice, vLLM) with vLLM's flags and metrics
 
 Settings come from flags, else from SLUICE_* environment variables (e.g. SLUICE_REDIS_URL,
 SLUICE_API_KEYS), else from defaults.
@@ -35,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_worker(sub)
     _add_generate(sub)
     _add_model(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -188,6 +190,24 @@ def _generate(args: argparse.Namespace) -> int:
                 print(f"--- {prompt!r} [{out.index}] ({out.finish_reason}, "
                       f"{len(out.token_ids)} tokens)\n{prompt}{out.text}")
     return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from loadtest import serve
+
+    p = sub.add_parser("bench", help="load-test an OpenAI-compatible server",
+                       description=serve.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_arguments(p)
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from loadtest.serve import run_cli
+
+    return run_cli(args, "sluice bench", f"sluice {shlex.join(sys.argv[1:])}")
 
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
