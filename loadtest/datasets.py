@@ -90,6 +90,25 @@ class DatasetConfig:
     prefix_repetition_output_len: int = 128
 
 
+@dataclass
+class VocabOnly:
+    """A tokenizer stand-in for the token-ids dataset where the model ships no tokenizer (a
+    shipped config run with dummy weights): ids from [16, vocab_size), the lowest left out as
+    most vocabularies keep special tokens there."""
+
+    vocab_size: int
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return list(range(16))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise DatasetError("this dataset needs a tokenizer; the model has none (--tokenizer)")
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        raise DatasetError("this dataset needs a tokenizer; the model has none (--tokenizer)")
+
+
 def load_tokenizer(name: str) -> TextTokenizer:
     """'tiny' or a local model folder through the worker's tokenizer; anything else (a hub id)
     through transformers, which may download the tokenizer's files."""
@@ -153,14 +172,17 @@ def range_lengths(mean: int, ratio: float, n: int, rng: np.random.Generator) -> 
 class _TextMaker:
     """Text of an exact token count from token ids: decode, re-encode, correct, repeat."""
 
-    def __init__(self, tokenizer: TextTokenizer, rng: np.random.Generator) -> None:
+    def __init__(self, tokenizer: TextTokenizer, rng: np.random.Generator, text: bool = True
+                 ) -> None:
         self.tok = tokenizer
         self.rng = rng
         special = set(tokenizer.all_special_ids)
-        # Tokens that are part of a UTF-8 character decode to U+FFFD alone, which re-encodes as
-        # other tokens: leaving them out is what lets a decoded prompt keep its length.
-        self.ids = np.array([i for i in range(tokenizer.vocab_size) if i not in special
-                             and "\ufffd" not in tokenizer.decode([i])])
+        ids = [i for i in range(tokenizer.vocab_size) if i not in special]
+        if text:
+            # Tokens that are part of a UTF-8 character decode to U+FFFD alone, which re-encodes
+            # as other tokens: leaving them out is what lets a decoded prompt keep its length.
+            ids = [i for i in ids if "\ufffd" not in tokenizer.decode([i])]
+        self.ids = np.array(ids)
 
     def random_ids(self, n: int) -> list[int]:
         return [int(i) for i in self.rng.choice(self.ids, size=n)]
@@ -182,7 +204,7 @@ def _random(cfg: DatasetConfig, tok: TextTokenizer, rng: np.random.Generator, as
             ) -> list[SampleRequest]:
     if cfg.random_input_len < 1 or cfg.random_output_len < 1:
         raise DatasetError("random_input_len and random_output_len must be >= 1")
-    maker = _TextMaker(tok, rng)
+    maker = _TextMaker(tok, rng, text=not as_ids)
     in_lens = range_lengths(cfg.random_input_len, cfg.random_range_ratio, cfg.num_prompts, rng)
     out_lens = range_lengths(cfg.random_output_len, cfg.random_range_ratio, cfg.num_prompts, rng)
     prefix = maker.random_ids(cfg.random_prefix_len)
@@ -293,3 +315,40 @@ def _prefix_repetition(cfg: DatasetConfig, tok: TextTokenizer, rng: np.random.Ge
                                  cfg.prefix_repetition_output_len))
     # Shuffled, so requests that share a prefix do not arrive back to back.
     return [out[i] for i in rng.permutation(len(out))]
+
+
+def add_dataset_arguments(p: Any, default: str | None, with_lengths: bool = True) -> None:
+    """The dataset flags, named as `vllm bench serve` names them, on an argparse parser or
+    group. with_lengths=False leaves out --random-input-len/-output-len/-range-ratio for a
+    command that has its own length flags (loadtest.offline's --input-len ...)."""
+    p.add_argument("--dataset-name", choices=DATASET_NAMES, default=default,
+                   help="random: random token ids as text; token-ids: the same sent as ids; "
+                        "sharegpt-synthetic: heavy-tailed lengths (means ~202 in / 179 out); "
+                        "sharegpt: your file (--dataset-path); prefix_repetition: shared "
+                        "prefixes, for prefix caching")
+    p.add_argument("--dataset-path", help="sharegpt: a JSON list or JSONL in the ShareGPT layout")
+    if with_lengths:
+        p.add_argument("--random-input-len", type=int, default=1024,
+                       help="random, token-ids: prompt tokens (default 1024)")
+        p.add_argument("--random-output-len", type=int, default=128,
+                       help="random, token-ids: tokens to generate (default 128)")
+        p.add_argument("--random-range-ratio", type=float, default=0.0,
+                       help="lengths uniform in [len*(1-r), len*(1+r)]")
+    p.add_argument("--random-prefix-len", type=int, default=0,
+                   help="random tokens shared by every prompt, before its own")
+    p.add_argument("--sharegpt-output-len", type=int,
+                   help="sharegpt datasets: this output length for every request")
+    p.add_argument("--prefix-repetition-prefix-len", type=int, default=256,
+                   help="prefix_repetition: tokens of each shared prefix (default 256)")
+    p.add_argument("--prefix-repetition-suffix-len", type=int, default=256,
+                   help="prefix_repetition: tokens of each request's own suffix (default 256)")
+    p.add_argument("--prefix-repetition-num-prefixes", type=int, default=10,
+                   help="prefix_repetition: distinct prefixes the requests share (default 10)")
+    p.add_argument("--prefix-repetition-output-len", type=int, default=128,
+                   help="prefix_repetition: tokens to generate (default 128)")
+
+
+def config_from_args(args: Any, **overrides: Any) -> DatasetConfig:
+    """A DatasetConfig from parsed flags that share its field names; `overrides` win."""
+    fields = {k: getattr(args, k) for k in DatasetConfig.__dataclass_fields__ if hasattr(args, k)}
+    return DatasetConfig(**{**fields, **overrides})

@@ -1,7 +1,9 @@
 """Offline throughput: the engine against Hugging Face transformers on the same prompts, same run.
 
-Prompts are random token ids with fixed (or ranged) input and output lengths; every request
-generates exactly its output length (EOS ignored), so every side does the same work. After one
+Prompts are random token ids with fixed (or ranged) input and output lengths, or any dataset of
+the serving benchmark (--dataset-name: sharegpt-synthetic, prefix_repetition, ...; see
+loadtest/datasets.py); every request generates exactly its output length (EOS ignored), so every
+side does the same work. After one
 untimed pass each, the sides alternate for --repeats timed passes; medians are reported.
 Prints a table and writes JSON.
 
@@ -39,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from loadtest.datasets import add_dataset_arguments
 
 BASELINE_RUNNERS = {"hf": "hf_generate", "hf_batch": "hf_generate_batch"}
 # With both HF baselines in one process, generate_batch's paged cache stays allocated between
@@ -94,6 +98,36 @@ def make_workload(num_prompts: int, input_len: int, output_len: int, range_ratio
     # Skip the lowest ids, which are special tokens in most vocabularies.
     prompts = [torch.randint(16, vocab_size, (n,), generator=gen).tolist() for n in in_lens]
     return prompts, out_lens
+
+
+def dataset_workload(args: argparse.Namespace, model_dir: Path, vocab_size: int
+                     ) -> tuple[list[list[int]], list[int]]:
+    """The prompts (token ids) and output lengths: the built-in random workload, or one of the
+    serving benchmark's datasets (--dataset-name) tokenized by the model's tokenizer."""
+    if args.dataset_name is None:
+        return make_workload(args.num_prompts, args.input_len, args.output_len,
+                             args.random_range_ratio, vocab_size, args.seed,
+                             args.input_len_range, args.output_len_range)
+    from loadtest.datasets import VocabOnly, config_from_args, load_tokenizer, sample_requests
+
+    if args.input_len_range or args.output_len_range:
+        raise SystemExit("--input-len-range/--output-len-range size the built-in workload only; "
+                         "use --random-range-ratio with --dataset-name")
+    has_tokenizer = any((model_dir / f).is_file()
+                        for f in ("tokenizer.json", "tokenizer_config.json"))
+    if args.tokenizer or has_tokenizer:
+        tok: Any = load_tokenizer(args.tokenizer or str(model_dir))
+    elif args.dataset_name == "token-ids":
+        tok = VocabOnly(vocab_size)
+    else:
+        raise SystemExit(f"{model_dir} has no tokenizer to build {args.dataset_name} prompts "
+                         "with; pass --tokenizer, or use --dataset-name token-ids")
+    cfg = config_from_args(args, random_input_len=args.input_len,
+                           random_output_len=args.output_len)
+    samples = sample_requests(cfg, tok)
+    prompts = [s.prompt if isinstance(s.prompt, list) else tok.encode(s.prompt)
+               for s in samples]
+    return prompts, [s.expected_output_len for s in samples]
 
 
 class SluiceRunner:
@@ -539,6 +573,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len-range", type=parse_range, metavar="LO:HI",
                    help="output lengths uniform in [LO, HI] (replaces --output-len and the ratio)")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group(
+        "datasets of the serving benchmark (default: the random token-id prompts above); "
+        "--input-len, --output-len and --random-range-ratio size the random ones")
+    add_dataset_arguments(g, default=None, with_lengths=False)
+    g.add_argument("--tokenizer", help="for text datasets: 'tiny' or a model folder (default: "
+                                       "the model's own)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -606,9 +646,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = resolve_model(args.model)
     cfg = ModelConfig.from_dir(model_dir)
-    prompts, out_lens = make_workload(args.num_prompts, args.input_len, args.output_len,
-                                      args.random_range_ratio, cfg.vocab_size, args.seed,
-                                      args.input_len_range, args.output_len_range)
+    prompts, out_lens = dataset_workload(args, model_dir, cfg.vocab_size)
     runners = build_runners(args, args.baseline, out_lens, model_dir)
     results = measure(runners, prompts, out_lens, args.repeats, args.warmup_prompts)
     rl = None

@@ -35,9 +35,9 @@ from loadtest import report as rpt
 from loadtest.arrivals import ArrivalError, BurstProfile, burst_offsets, send_offsets
 from loadtest.client import ENDPOINT_KINDS, ApiConfig
 from loadtest.datasets import (
-    DATASET_NAMES,
-    DatasetConfig,
     DatasetError,
+    add_dataset_arguments,
+    config_from_args,
     describe,
     load_tokenizer,
     sample_requests,
@@ -93,26 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per HTTP request")
 
     g = p.add_argument_group("dataset (made locally; no downloads)")
-    g.add_argument("--dataset-name", choices=DATASET_NAMES, default="random",
-                   help="random: random token ids as text; token-ids: the same sent as ids; "
-                        "sharegpt-synthetic: heavy-tailed lengths (means ~202 in / 179 out); "
-                        "sharegpt: your file (--dataset-path); prefix_repetition: shared "
-                        "prefixes, for prefix caching")
-    g.add_argument("--dataset-path", help="sharegpt: a JSON list or JSONL in the ShareGPT layout")
     g.add_argument("--num-prompts", type=int, default=1000)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--random-input-len", type=int, default=1024)
-    g.add_argument("--random-output-len", type=int, default=128)
-    g.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="lengths uniform in [len*(1-r), len*(1+r)]")
-    g.add_argument("--random-prefix-len", type=int, default=0,
-                   help="random tokens shared by every prompt, before its own")
-    g.add_argument("--sharegpt-output-len", type=int,
-                   help="sharegpt datasets: this output length for every request")
-    g.add_argument("--prefix-repetition-prefix-len", type=int, default=256)
-    g.add_argument("--prefix-repetition-suffix-len", type=int, default=256)
-    g.add_argument("--prefix-repetition-num-prefixes", type=int, default=10)
-    g.add_argument("--prefix-repetition-output-len", type=int, default=128)
+    add_dataset_arguments(g, default="random")
 
     g = p.add_argument_group("arrivals")
     g.add_argument("--request-rate", type=parse_rates, default=[math.inf], metavar="RATES",
@@ -194,10 +177,6 @@ def _first_model(base_url: str, api_key: str | None) -> str:
                          f"({type(exc).__name__}: {exc})") from exc
 
 
-def _dataset_config(args: argparse.Namespace) -> DatasetConfig:
-    return DatasetConfig(**{k: getattr(args, k) for k in DatasetConfig.__dataclass_fields__})
-
-
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for dist in ("sluice", "httpx", "numpy", "matplotlib", "transformers"):
@@ -272,7 +251,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     tokenizer_name = args.tokenizer or model
     print(f"loading tokenizer {tokenizer_name!r} and building {args.num_prompts} "
           f"{args.dataset_name} prompts", flush=True)
-    samples = sample_requests(_dataset_config(args), load_tokenizer(tokenizer_name))
+    samples = sample_requests(config_from_args(args), load_tokenizer(tokenizer_name))
     sizes = describe(samples)
     print(f"dataset: {sizes['num_requests']} requests, mean {sizes['mean_input_len']:.1f} in / "
           f"{sizes['mean_output_len']:.1f} out tokens", flush=True)

@@ -139,3 +139,19 @@ def test_burst_profile() -> None:
     for bad in ("1:2", "1:0:1", "-1:2:3", "a:b:c"):
         with pytest.raises(ArrivalError):
             BurstProfile.parse(bad)
+
+
+@pytest.mark.parametrize("module", ["loadtest/datasets.py", "loadtest/offline.py"])
+def test_runs_on_a_gpu_box_with_the_numeric_stack_only(module: str) -> None:
+    # The offline benchmark and its datasets run where only torch, numpy, transformers and the
+    # project's own engine are installed: no HTTP, Redis, pydantic or plotting libraries.
+    import ast
+    import sys
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / module).read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+             for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+    allowed = {"torch", "numpy", "transformers", "tqdm", "worker", "loadtest", "__future__"}
+    assert {n for n in names if n not in sys.stdlib_module_names} <= allowed
