@@ -7,6 +7,12 @@ the ReplicaSet controller deletes the cheapest pods among equals. Drained pods a
 ready ones, so a ready worker is never chosen over a drained one. A worker's id is its pod name
 (the manifest sets SLUICE_WORKER_ID from `metadata.name`).
 
+The controller ranks pods that are still Pending (waiting for a GPU) before every running one,
+cost or not, so a scale-down while some are pending removes those and keeps the drained pod. A
+drained worker never serves again, so the backend follows up: a pod it removed that is still
+there `settle_s` later is deleted outright, and the ReplicaSet replaces it with a fresh pod,
+which keeps the count the scaler asked for.
+
 Replica changes carry the scale's resourceVersion, so a concurrent change (a person running
 `kubectl scale`) makes the patch fail with a conflict and the backend re-reads and retries instead
 of overwriting it.
@@ -16,8 +22,10 @@ of overwriting it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,8 +35,12 @@ log = logging.getLogger("sluice.scaler.kubernetes")
 DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 # Far below the default 0 of every other pod (the annotation is an int32).
 DRAINED_POD_DELETION_COST = -1_000_000
+# How long the ReplicaSet gets to delete the pods a scale-down was meant for.
+DEFAULT_SETTLE_S = 15.0
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _CONFLICT_RETRIES = 5
+# What the backend does to each resource, for messages on an RBAC denial.
+_VERBS = {"deployments/scale": "get and patch", "pods": "get, list, patch and delete"}
 
 T = TypeVar("T")
 
@@ -100,7 +112,7 @@ class KubernetesBackend:
     name = "kubernetes"
 
     def __init__(self, namespace: str | None, deployment: str, *, api_client: Any = None,
-                 host: str | None = None) -> None:
+                 host: str | None = None, settle_s: float = DEFAULT_SETTLE_S) -> None:
         kubernetes = _import_kubernetes()
         self.namespace = namespace or default_namespace()
         self.deployment = deployment
@@ -110,13 +122,19 @@ class KubernetesBackend:
         self._core = kubernetes.client.CoreV1Api(self._client)
         self._api_exception = kubernetes.client.ApiException
         self._where = f"deployment {self.namespace}/{self.deployment}"
+        self.settle_s = settle_s
+        # Pods a scale-down was meant for -> when the count was lowered (monotonic seconds).
+        self._leaving: dict[str, float] = {}
 
     # -- Backend ---------------------------------------------------------------------------
 
     def replicas(self) -> int:
+        scale = self._read_scale()
+        if self._leaving:
+            self._delete_kept_pods(scale)
         # spec, not status: pods still pending (no free GPU yet) count as starting workers, or
         # the scaler would ask for them again on every tick.
-        return int(self._read_scale().spec.replicas or 0)
+        return int(scale.spec.replicas or 0)
 
     def scale_up(self, count: int) -> None:
         if count <= 0:
@@ -139,6 +157,7 @@ class KubernetesBackend:
         if not marked:
             return
         before, after = self._change_replicas(lambda n: max(0, n - len(marked)))
+        self._leaving.update(dict.fromkeys(marked, time.monotonic()))
         log.info("%s: removed drained pods %s (pod-deletion-cost %d), %d -> %d replicas",
                  self._where, ", ".join(marked), DRAINED_POD_DELETION_COST, before, after)
 
@@ -186,6 +205,21 @@ class KubernetesBackend:
                           self.namespace, label_selector=selector)
         return {p.metadata.name for p in pods.items if p.metadata.deletion_timestamp is None}
 
+    def _delete_kept_pods(self, scale: Any) -> None:
+        """Deletes removed pods the ReplicaSet kept past `settle_s` (it took pending ones)."""
+        live = self._live_pods(scale)
+        now = time.monotonic()
+        for pod, since in list(self._leaving.items()):
+            if pod not in live:
+                del self._leaving[pod]
+            elif now - since >= self.settle_s:
+                log.warning("%s: the ReplicaSet kept drained pod %s (it deleted pending pods "
+                            "first); deleting it", self._where, pod)
+                with contextlib.suppress(_PodGone):  # gone meanwhile: what we wanted
+                    self._call("delete a pod of", "pods", self._core.delete_namespaced_pod,
+                               pod, self.namespace)
+                del self._leaving[pod]
+
     def _mark_for_deletion(self, pod: str) -> bool:
         """Makes `pod` the first one its ReplicaSet deletes; False when it is already gone."""
         body = {"metadata": {"annotations": {DELETION_COST_ANNOTATION:
@@ -225,7 +259,7 @@ class KubernetesBackend:
         if status in (401, 403):
             return KubernetesForbiddenError(
                 f"not allowed to {action} {self._where} ({detail}): the scaler's service account "
-                f"needs get/patch on {resource} in namespace {self.namespace!r}; apply the Role "
+                f"needs {_VERBS[resource]} on {resource} in namespace {self.namespace!r}; apply the Role "
                 "and RoleBinding of infra/k8s/base/scaler.yaml")
         return KubernetesBackendError(
             f"could not {action} {self._where}: HTTP {status} {e.reason or ''} ({detail})")

@@ -2,14 +2,16 @@
 
 It answers what the Kubernetes backend uses, with the real API's paths, bodies and status codes:
 GET/PATCH `/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`, GET
-`/api/v1/namespaces/{ns}/pods?labelSelector=...` and PATCH `/api/v1/namespaces/{ns}/pods/{name}`.
+`/api/v1/namespaces/{ns}/pods?labelSelector=...`, PATCH and DELETE
+`/api/v1/namespaces/{ns}/pods/{name}`.
 PATCH takes the merge-patch and strategic-merge-patch content types (both merge maps the same way
 for the fields used here) and honours `metadata.resourceVersion` with a 409 on a stale one.
 
 A stand-in for the ReplicaSet controller keeps each Deployment's pods equal to its replicas after
-every change: it names new pods `{deployment}-{n}`, and deletes the pods with the lowest
-`controller.kubernetes.io/pod-deletion-cost` first (newest first among equals), so a test sees
-which pods a scale-down removed.
+every change: it names new pods `{deployment}-{n}` (Pending while `unschedulable` is set, as
+with no free GPU, else Running), and on a scale-down deletes Pending pods first, then those with
+the lowest `controller.kubernetes.io/pod-deletion-cost` (newest first among equals), as the real
+one ranks them, so a test sees which pods a scale-down removed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Pod:
     labels: dict[str, str]
     annotations: dict[str, str] = field(default_factory=dict)
     created: int = 0
+    phase: str = "Running"
 
     def cost(self) -> int:
         return int(self.annotations.get(COST, "0"))
@@ -62,6 +65,7 @@ class FakeKubernetesApi:
         self.forbidden: set[tuple[str, str]] = set()  # (method, "scale" | "pods") answered 403
         # Replica changes made "by someone else" just before the next N scale PATCHes.
         self.interfering_patches = 0
+        self.unschedulable = False  # new pods stay Pending
         self.lock = threading.Lock()
         self._clock = 0
         api = self
@@ -72,6 +76,9 @@ class FakeKubernetesApi:
 
             def do_PATCH(self) -> None:
                 api._handle(self, "PATCH")
+
+            def do_DELETE(self) -> None:
+                api._handle(self, "DELETE")
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -111,11 +118,12 @@ class FakeKubernetesApi:
         mine = [p for p in self.pods.values() if _matches(p.labels, d.labels)]
         while len(mine) < replicas:
             self._clock += 1
-            pod = Pod(f"{d.name}-{d.next_pod}", dict(d.labels), created=self._clock)
+            pod = Pod(f"{d.name}-{d.next_pod}", dict(d.labels), created=self._clock,
+                      phase="Pending" if self.unschedulable else "Running")
             d.next_pod += 1
             self.pods[pod.name] = pod
             mine.append(pod)
-        mine.sort(key=lambda p: (p.cost(), -p.created))
+        mine.sort(key=lambda p: (p.phase != "Pending", p.cost(), -p.created))
         for pod in mine[:max(0, len(mine) - replicas)]:
             del self.pods[pod.name]
 
@@ -189,6 +197,12 @@ class FakeKubernetesApi:
         pod = self.pods.get(name or "") if ns == self.namespace else None
         if pod is None:
             return _status(404, "NotFound", f'pods "{name}" not found')
+        if method == "DELETE":
+            del self.pods[pod.name]
+            for d in self.deployments.values():  # the ReplicaSet replaces it
+                if _matches(pod.labels, d.labels):
+                    self._set_replicas(d, d.replicas)
+            return 200, _pod_json(pod, ns)
         if method == "PATCH":
             for key, value in ((body.get("metadata") or {}).get("annotations") or {}).items():
                 if value is None:
@@ -205,7 +219,8 @@ def _matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
 def _pod_json(pod: Pod, ns: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod.name, "namespace": ns, "labels": pod.labels,
-                         "annotations": pod.annotations}}
+                         "annotations": pod.annotations},
+            "status": {"phase": pod.phase}}
 
 
 def _status(code: int, reason: str, message: str) -> tuple[int, dict[str, Any]]:
@@ -214,7 +229,7 @@ def _status(code: int, reason: str, message: str) -> tuple[int, dict[str, Any]]:
 
 
 def _forbidden(method: str, resource: str, ns: str, name: str) -> tuple[int, dict[str, Any]]:
-    verb = {"GET": "get", "PATCH": "patch"}[method]
+    verb = {"GET": "get", "PATCH": "patch", "DELETE": "delete"}[method]
     return _status(403, "Forbidden", f'{resource} "{name}" is forbidden: User '
                    f'"system:serviceaccount:{ns}:default" cannot {verb} resource "{resource}" in '
                    f'API group "" in the namespace "{ns}"')

@@ -83,6 +83,32 @@ def test_remove_takes_exactly_the_drained_pods(api: FakeKubernetesApi,
     # The pods are marked before the count drops, so the controller already sees the costs.
     kinds = ["pod" if "/pods/" in r.path else "scale" for r in api.requests if r.method == "PATCH"]
     assert kinds == ["pod", "pod", "scale"]
+    backend.settle_s = 0.0
+    assert backend.replicas() == 2  # the ReplicaSet took the right pods: nothing to follow up
+    assert not [r for r in api.requests if r.method == "DELETE"]
+
+
+def test_drained_pod_kept_for_a_pending_one_is_deleted(api: FakeKubernetesApi) -> None:
+    """The ReplicaSet deletes Pending pods before any running one, whatever their cost."""
+    ready = api.add_deployment(WORKERS, 2)
+    backend = KubernetesBackend(NS, WORKERS, host=api.url, settle_s=60.0)
+    api.unschedulable = True  # no free GPU: the next pod waits
+    backend.scale_up(1)
+    assert len(set(api.pod_names(WORKERS)) - set(ready)) == 1  # the pending one
+    backend.remove([ready[0]])
+    assert api.pod_names(WORKERS) == ready  # the pending pod went, the drained one stayed
+    assert backend.replicas() == 2
+    assert not [r for r in api.requests if r.method == "DELETE"]  # within settle_s
+    backend.settle_s = 0.0
+    api.unschedulable = False
+    assert backend.replicas() == 2
+    (deleted,) = [r.path for r in api.requests if r.method == "DELETE"]
+    assert deleted == f"/api/v1/namespaces/{NS}/pods/{ready[0]}"
+    pods = api.pod_names(WORKERS)
+    assert ready[0] not in pods and ready[1] in pods and len(pods) == 2
+    backend.replicas()  # followed up once, then forgotten
+    assert len([r for r in api.requests if r.method == "DELETE"]) == 1
+    backend.close()
 
 
 def test_remove_skips_ids_that_are_no_pod_of_the_deployment(

@@ -248,5 +248,5 @@ def test_scaler_may_do_what_the_kubernetes_backend_does() -> None:
               for r in rule["resources"] for v in rule["verbs"]
               if target in rule.get("resourceNames", [target])}
     needed = {("apps", "deployments/scale", "get"), ("apps", "deployments/scale", "patch"),
-              ("", "pods", "list"), ("", "pods", "patch")}
+              ("", "pods", "list"), ("", "pods", "patch"), ("", "pods", "delete")}
     assert needed <= grants
