@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,7 +24,7 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from shared import names
-from shared.settings import GatewaySettings, ScalerSettings, WorkerSettings
+from shared.settings import GatewaySettings, ScalerSettings, WorkerSettings, load_settings
 from worker.models.registry import CACHE_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,6 +177,36 @@ def test_sluice_variables_name_real_settings() -> None:
         assert c["command"] == ["sluice", process]
         assert {"name": "sluice-config"} in [e["configMapRef"] for e in c["envFrom"]]
         assert {k for k in env(c) if k.startswith("SLUICE_")} <= fields(cls)
+
+
+# What the downward API and the Secret would fill in.
+FIELD_VALUES = {"metadata.name": "sluice-worker-7d9f8c6b5-x2kqp", "metadata.namespace": "sluice"}
+SECRET_VALUE = "sk-test-key"
+
+
+@pytest.mark.parametrize("process", SETTINGS)
+def test_each_process_accepts_its_environment(process: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings each pod would get pass that process's validation at start-up."""
+    for key in [k for k in os.environ if k.startswith("SLUICE_")]:
+        monkeypatch.delenv(key)
+    c = container(find("Deployment", f"sluice-{process}"))
+    values = dict(find("ConfigMap", "sluice-config")["data"])
+    for name, var in env(c).items():
+        source = var.get("valueFrom", {})
+        if "fieldRef" in source:
+            values[name] = FIELD_VALUES[source["fieldRef"]["fieldPath"]]
+        elif "secretKeyRef" in source:
+            values[name] = SECRET_VALUE
+        else:
+            values[name] = var["value"]
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(SETTINGS[process])
+    if isinstance(settings, WorkerSettings):
+        assert settings.worker_id == FIELD_VALUES["metadata.name"]
+    if isinstance(settings, ScalerSettings):
+        assert settings.namespace == "sluice" and settings.backend == "kubernetes"
 
 
 def test_services_select_pods_and_ports_exist() -> None:
