@@ -12,9 +12,11 @@ DESCRIPTION = """\
 Sluice: self-hosted, OpenAI-compatible LLM serving.
 
 Commands:
-  up         run the whole service here: Redis, a worker and the OpenAI-compatible gateway
+  up         run the whole service here: Redis, the scaler and its workers, and the gateway
   gateway    run the gateway alone (needs a Redis and workers)
   worker     run one worker alone (needs a Redis)
+  scaler     size one model's worker fleet (local processes or a Kubernetes Deployment)
+  status     show the fleet: models, queue depths, workers and their state, KV usage
   generate   run prompts through the engine in this process and print the completions
   model      make the built-in models (e.g. `sluice model tiny DIR`)
   bench      load-test any OpenAI-compatible server (Sluice, vLLM) with vLLM's flags and metrics
@@ -34,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_up(sub)
     _add_gateway(sub)
     _add_worker(sub)
+    _add_scaler(sub)
+    _add_status(sub)
     _add_generate(sub)
     _add_model(sub)
     _add_bench(sub)
@@ -50,11 +54,15 @@ def _given(args: argparse.Namespace, *fields: str) -> dict[str, object]:
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "up", help="run Redis, a worker and the gateway on this machine",
+        "up", help="run Redis, the scaler with its workers, and the gateway on this machine",
         description="Start the whole service on embedded defaults: a private Redis (AOF on, in "
-                    "--data-dir) unless --redis-url is given, one worker with --model (the "
-                    "built-in tiny model by default; on the CPU when there is no GPU), and the "
-                    "gateway. Prints the URL and API key; Ctrl-C stops everything.")
+                    "--data-dir) unless --redis-url is given, the scaler, which runs between "
+                    "--min-workers and --max-workers worker processes with --model (the built-in "
+                    "tiny model by default; on the CPU when there is no GPU), and the gateway. "
+                    "The defaults (1 and 1) keep one worker; --min-workers 0 scales to zero after "
+                    "--idle-timeout seconds without work, and the next request starts a worker "
+                    "(it waits in Redis meanwhile). Prints the URL and API key; Ctrl-C stops "
+                    "everything, the workers by draining.")
     p.add_argument("--host", help="gateway bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gateway port (default 8000)")
     p.add_argument("--model", help="'tiny', a local Hugging Face model folder, or a hub id")
@@ -62,6 +70,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
     p.add_argument("--data-dir", help="where the embedded Redis keeps its data")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--min-workers", type=int, help="fewest workers; 0 allows scale to zero "
+                                                   "(default 1)")
+    p.add_argument("--max-workers", type=int, help="most workers (default 1)")
+    p.add_argument("--idle-timeout", type=float, dest="idle_timeout_s", metavar="SECONDS",
+                   help="with --min-workers 0: seconds without work before the last worker "
+                        "stops (default 300)")
     p.set_defaults(func=_up)
 
 
@@ -70,7 +84,8 @@ def _up(args: argparse.Namespace) -> int:
     from shared.settings import UpSettings, load_settings
 
     settings = load_settings(UpSettings, **_given(args, "host", "port", "model", "api_key",
-                                                  "redis_url", "data_dir", "device"))
+                                                  "redis_url", "data_dir", "device",
+                                                  "min_workers", "max_workers", "idle_timeout_s"))
     return run_up(settings)
 
 
@@ -121,6 +136,89 @@ def _worker(args: argparse.Namespace) -> int:
     serve(load_settings(WorkerSettings, **_given(
         args, "model", "served_model_name", "redis_url", "device", "dtype", "load_format",
         "max_num_seqs", "worker_id", "metrics_port")))
+    return 0
+
+
+def _add_scaler(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "scaler", help="size one model's worker fleet from its queue and KV usage",
+        description="Watch one model's Redis queue and worker heartbeats and keep the fleet "
+                    "between --min-workers and --max-workers: scale up at once (at most "
+                    "--max-surge per step), scale down only after --stabilization seconds of "
+                    "lower load and only by draining, to zero (with --min-workers 0) after "
+                    "--idle-timeout seconds without work. Backends: 'local' starts `sluice "
+                    "worker` processes here; 'kubernetes' scales the Deployment --deployment in "
+                    "--namespace. Each decision is logged with its reason.")
+    p.add_argument("--redis-url")
+    p.add_argument("--model", help="what a local worker loads: 'tiny', a folder or a hub id")
+    p.add_argument("--served-model-name", help="the model name clients use (its queue)")
+    p.add_argument("--backend", choices=["local", "kubernetes"], help="default local")
+    p.add_argument("--min-workers", type=int, help="default 0")
+    p.add_argument("--max-workers", type=int, help="default 4")
+    p.add_argument("--idle-timeout", type=float, dest="idle_timeout_s", metavar="SECONDS",
+                   help="seconds without work before scaling to --min-workers (default 300)")
+    p.add_argument("--stabilization", type=float, dest="stabilization_s", metavar="SECONDS",
+                   help="seconds of lower load before a scale-down (default 60)")
+    p.add_argument("--max-surge", type=int, help="most workers started per step (default 4)")
+    p.add_argument("--target-per-worker", type=int,
+                   help="queued or running jobs one worker is sized for (default 16)")
+    p.add_argument("--interval", type=float, dest="interval_s", metavar="SECONDS",
+                   help="seconds between decisions (default 1)")
+    p.add_argument("--device", help="device of local workers: auto, cpu, cuda, cuda:N")
+    p.add_argument("--namespace", help="Kubernetes namespace (default: the pod's own, or "
+                                       "'default')")
+    p.add_argument("--deployment", help="Kubernetes worker Deployment (default sluice-worker)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.set_defaults(func=_scaler)
+
+
+def _scaler(args: argparse.Namespace) -> int:
+    from infra.scaler.service import BackendUnavailableError, run_scaler
+    from shared.settings import ScalerSettings, load_settings
+
+    settings = load_settings(ScalerSettings, **_given(
+        args, "redis_url", "model", "served_model_name", "backend", "min_workers",
+        "max_workers", "idle_timeout_s", "stabilization_s", "max_surge", "target_per_worker",
+        "interval_s", "device", "namespace", "deployment", "metrics_port"))
+    try:
+        return run_scaler(settings)
+    except BackendUnavailableError as e:
+        print(f"sluice scaler: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status", help="show models, queue depths and workers",
+        description="Print each model (state cold, warming or ready; queued jobs; the scaler's "
+                    "desired worker count) and each worker (state, KV-cache usage, running and "
+                    "waiting requests). Reads through a gateway with --url (and --api-key or "
+                    "SLUICE_API_KEY), else straight from Redis (--redis-url or "
+                    "SLUICE_REDIS_URL).")
+    p.add_argument("--url", help="gateway base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", help="API key for the gateway (default: $SLUICE_API_KEY)")
+    p.add_argument("--redis-url", help="read Redis directly (default: $SLUICE_REDIS_URL)")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: {\"models\": [...], \"workers\": [...]}")
+    p.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import os
+
+    from infra.status import StatusError, from_gateway, from_redis, render
+    from shared.settings import DEFAULT_REDIS_URL
+
+    try:
+        if args.url:
+            view = from_gateway(args.url, args.api_key or os.environ.get("SLUICE_API_KEY"))
+        else:
+            view = from_redis(args.redis_url or os.environ.get("SLUICE_REDIS_URL")
+                              or DEFAULT_REDIS_URL)
+    except StatusError as e:
+        print(f"sluice status: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(view, indent=2) if args.json else render(view))
     return 0
 
 

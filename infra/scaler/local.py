@@ -43,6 +43,7 @@ class LocalBackend:
         self.stopping: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
         self._prefix = re.sub(r"[^A-Za-z0-9_.-]", "-", served_model_name)[:48]
         self._started = 0
+        self.num_failed = 0  # workers that exited without being asked to
 
     def replicas(self) -> int:
         self._reap()
@@ -94,6 +95,7 @@ class LocalBackend:
         for worker_id, proc in list(self.procs.items()):
             if proc.poll() is not None:
                 log.warning("worker %s exited with code %s", worker_id, proc.returncode)
+                self.num_failed += 1
                 del self.procs[worker_id]
                 _kill_group(proc)
         now = time.monotonic()

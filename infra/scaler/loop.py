@@ -117,12 +117,11 @@ class ScalerLoop:
         # The least busy ready workers go first: they finish soonest.
         candidates = sorted((w for w in snap.obs.workers
                              if w.state == "ready" and w.worker_id not in self.draining),
-                            key=lambda w: (w.running + w.waiting, w.kv_usage))
+                            key=lambda w: (w.load, w.kv_usage))
         for w in candidates[:count]:
             self.client.publish(names.worker_control(w.worker_id), DRAIN_MESSAGE)
             self.draining[w.worker_id] = snap.obs.now
-            log.info("draining worker %s (%d running, %d waiting)", w.worker_id, w.running,
-                     w.waiting)
+            log.info("draining worker %s (%d requests in flight)", w.worker_id, w.load)
 
     def _remove_drained(self, snap: Snapshot) -> None:
         if not self.draining:
@@ -154,7 +153,7 @@ class ScalerLoop:
         if cold.ready_at is None and obs.num_ready > 0:
             cold.ready_at = wall
             self.metrics.cold_start_phase("ready", wall - cold.queued_at)
-        taken = obs.pending > 0 or any(w.running or w.waiting for w in obs.workers)
+        taken = obs.pending > 0 or any(w.load for w in obs.workers)
         if cold.ready_at is not None and (taken or obs.backlog == 0):
             cold.first_token_at = wall
             self.metrics.cold_start_phase("first_token", wall - cold.queued_at)

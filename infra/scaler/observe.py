@@ -72,7 +72,7 @@ class Observer:
         workers = tuple(
             WorkerView(worker_id=str(b.get("worker_id", "?")), state=str(b.get("state", "?")),
                        kv_usage=float(b.get("kv_usage", 0.0)), running=int(b.get("running", 0)),
-                       waiting=int(b.get("waiting", 0)))
+                       waiting=int(b.get("waiting", 0)), active=int(b.get("active", 0)))
             for b in live_workers({} if isinstance(beats, Exception) else beats, wall)
             if b["model"] == self.model)
         ready = [w for w in workers if w.state == "ready"]

@@ -46,6 +46,11 @@ class WorkerView:
     kv_usage: float = 0.0  # 0-1
     running: int = 0
     waiting: int = 0
+    active: int = 0  # requests the worker holds, counted by its front (ahead of engine stats)
+
+    @property
+    def load(self) -> int:
+        return max(self.active, self.running + self.waiting)
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ class Observation:
     @property
     def busy(self) -> bool:
         return (self.backlog > 0 or self.arrival_rate > 0
-                or any(w.running or w.waiting for w in self.workers if w.state not in LEAVING))
+                or any(w.load for w in self.workers if w.state not in LEAVING))
 
 
 @dataclass(frozen=True)
@@ -164,12 +169,11 @@ def decide(config: PolicyConfig, memory: Memory, obs: Observation) -> tuple[Deci
     if idle_for >= config.idle_timeout_s and current > lo:
         return out(lo, Reason.IDLE_TIMEOUT,
                    f"idle for {idle_for:.0f} s (timeout {config.idle_timeout_s:g} s)")
-    if raw < current:
+    if max(raw, lo) < current:
         window_full = now - since >= config.stabilization_s
-        stabilized = max(r for _, r in recent)
+        stabilized = max(max(r for _, r in recent), lo)
         if window_full and stabilized < current:
-            desired = max(stabilized, lo)
-            return out(desired, Reason.SCALE_DOWN,
+            return out(stabilized, Reason.SCALE_DOWN,
                        f"{load}: at most {stabilized} wanted for {config.stabilization_s:g} s")
         return out(current, Reason.STABILIZING, f"{load}: wants {raw}, waiting out the "
                                                 f"{config.stabilization_s:g} s window")

@@ -93,6 +93,7 @@ def test_min_workers_is_kept_when_idle() -> None:
     for t in range(1, 60):
         fleet.tick(t, backlog=0)
     assert fleet.workers == 1
+    assert [d.reason for d in fleet.decisions[1:]] == [Reason.STEADY] * 59
 
 
 def test_flapping_load_does_not_make_the_fleet_oscillate() -> None:
@@ -152,6 +153,8 @@ def test_desired_stays_in_bounds_and_scale_down_waits_out_the_window(
         if d.current >= config.min_workers and d.delta > 0:
             assert d.delta <= config.max_surge
             last_up = t
+        if d.reason in (Reason.SCALE_DOWN, Reason.IDLE_TIMEOUT):
+            assert d.delta < 0
         if d.reason is Reason.SCALE_DOWN:
             assert last_up is None or t - last_up >= window
             assert t >= window
