@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 from k8s_api import COST, PATCH_TYPES, FakeKubernetesApi
 
 from infra.scaler.backend import Backend
@@ -18,6 +21,9 @@ from infra.scaler.kubernetes import (
     KubernetesForbiddenError,
     KubernetesUnreachableError,
 )
+from infra.scaler.loop import ScalerLoop
+from infra.scaler.policy import PolicyConfig
+from shared import names
 
 NS, WORKERS = "sluice", "sluice-worker"
 
@@ -180,3 +186,76 @@ def test_unreachable_api_server() -> None:
     with pytest.raises(KubernetesUnreachableError, match=f"127.0.0.1:{port}"):
         backend.replicas()
     backend.close()
+
+
+# -- driven by the scaler's control loop ---------------------------------------------------
+
+
+class Kubelet:
+    """Plays the worker pods: a heartbeat per pod of the fake API, drained when told to."""
+
+    def __init__(self, client: redis.Redis, api: FakeKubernetesApi) -> None:
+        self.client, self.api = client, api
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.running: dict[str, int] = {}
+        self.states: dict[str, str] = {}
+
+    def sync(self) -> None:
+        pods = set(self.api.pod_names(WORKERS))
+        for pod in pods - set(self.states):
+            self.pubsub.subscribe(names.worker_control(pod))
+            self.states[pod] = "ready"
+        while (message := self.pubsub.get_message(timeout=0.05)) is not None:
+            pod = message["channel"].decode().rsplit(":", 1)[1]
+            self.states[pod] = "drained"
+        for pod, state in list(self.states.items()):
+            if pod not in pods:  # its pod was deleted: the worker is gone
+                del self.states[pod]
+                self.client.hdel(names.WORKERS, pod)
+                continue
+            beat = {"worker_id": pod, "model": MODEL, "state": state, "kv_usage": 0.0,
+                    "running": self.running.get(pod, 0), "waiting": 0, "active": 0,
+                    "expires": time.time() + 30}
+            self.client.hset(names.WORKERS, pod, json.dumps(beat))
+
+
+MODEL = "tiny"
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def test_loop_starts_a_pod_for_a_job_queued_at_zero(api: FakeKubernetesApi,
+                                                    backend: KubernetesBackend,
+                                                    client: redis.Redis) -> None:
+    api.add_deployment(WORKERS, 0)
+    client.xadd(names.queue(MODEL), {names.JOB_FIELD: "{}"})
+    loop = ScalerLoop(client, MODEL, backend, PolicyConfig(min_workers=0, max_workers=2))
+    loop.step()
+    assert api.deployments[WORKERS].replicas == 1
+    assert len(api.pod_names(WORKERS)) == 1
+
+
+def test_loop_drains_an_idle_pod_and_only_that_pod_goes(api: FakeKubernetesApi,
+                                                        backend: KubernetesBackend,
+                                                        client: redis.Redis) -> None:
+    idle, busy = api.add_deployment(WORKERS, 2)  # left to itself the ReplicaSet takes `busy`
+    kubelet = Kubelet(client, api)
+    kubelet.running[busy] = 1
+    kubelet.sync()
+    loop = ScalerLoop(client, MODEL, backend,
+                      PolicyConfig(min_workers=0, max_workers=2, stabilization_s=0))
+    for _ in range(5):
+        loop.step()
+        kubelet.sync()
+        if api.deployments[WORKERS].replicas == 1:
+            break
+    assert kubelet.states == {busy: "ready"}
+    assert api.pod_names(WORKERS) == [busy]
+    pod_patches = [r.path.rsplit("/", 1)[1] for r in api.requests
+                   if r.method == "PATCH" and "/pods/" in r.path]
+    assert pod_patches == [idle]
