@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,7 +90,9 @@ def load_api_client(host: str | None = None) -> Any:
         return client.ApiClient(cfg)
     except config.ConfigException as in_cluster:
         try:
-            config.load_kube_config(client_configuration=cfg)
+            # KUBECONFIG read now: the client reads it once, when first imported.
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
+                                    client_configuration=cfg)
         except (config.ConfigException, OSError) as e:
             raise KubernetesConfigError(
                 "no Kubernetes credentials: not running in a pod with a service account "

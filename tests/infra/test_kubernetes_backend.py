@@ -7,6 +7,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,6 +19,7 @@ from infra.scaler.kubernetes import (
     DeploymentNotFoundError,
     KubernetesBackend,
     KubernetesBackendError,
+    KubernetesConfigError,
     KubernetesForbiddenError,
     KubernetesUnreachableError,
 )
@@ -259,3 +261,30 @@ def test_loop_drains_an_idle_pod_and_only_that_pod_goes(api: FakeKubernetesApi,
     pod_patches = [r.path.rsplit("/", 1)[1] for r in api.requests
                    if r.method == "PATCH" and "/pods/" in r.path]
     assert pod_patches == [idle]
+
+
+# -- credentials -----------------------------------------------------------------------------
+
+
+def test_outside_a_cluster_the_kubeconfig_is_used(api: FakeKubernetesApi, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+        "users": [{"name": "scaler", "user": {"token": "t0ken"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "fake", "user": "scaler"}}]}))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    api.add_deployment(WORKERS, 2)
+    backend = KubernetesBackend(NS, WORKERS)
+    assert backend.replicas() == 2
+    backend.close()
+
+
+def test_no_credentials_says_how_to_provide_them(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(KubernetesConfigError, match="KUBECONFIG"):
+        KubernetesBackend(NS, WORKERS)
