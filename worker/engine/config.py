@@ -28,6 +28,9 @@ class EngineConfig:
     # Decode steps up to this batch size replay CUDA graphs (Triton backend on CUDA only);
     # 0 turns graphs off.
     cuda_graph_max_batch: int = 256
+    # Schedule step N+1 while step N runs on the device. None: on for CUDA, off elsewhere (a CPU
+    # runs the step on the host anyway, so there is nothing to overlap).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

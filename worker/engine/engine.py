@@ -1,7 +1,7 @@
 """The engine core: requests in, token ids out, one `step()` at a time.
 
-A step is three calls: `scheduler.schedule()` (plain data), `runner.execute(...)`,
-`scheduler.update(...)`. Everything a caller can get wrong is checked in `add_request`, so a step
+A step is `scheduler.schedule()` (plain data), `runner.launch(...)`, then
+`scheduler.advance(...)` and, once the step's tokens are on the host, `scheduler.resolve(...)`. Everything a caller can get wrong is checked in `add_request`, so a step
 never fails because of one request's input.
 """
 
@@ -24,10 +24,10 @@ from worker.engine.errors import (
     PromptTooLongError,
 )
 from worker.engine.request import LogitsMask, Request, RequestStatus
-from worker.engine.runner import ModelRunner
-from worker.engine.sampler import TokenLogprobs
+from worker.engine.runner import ModelRunner, PendingStep
+from worker.engine.sampler import TokenLogprobs, has_penalty
 from worker.engine.sampling_params import SamplingParams
-from worker.engine.scheduler import Scheduler
+from worker.engine.scheduler import Scheduler, SchedulerOutput
 from worker.models.config import ModelConfig
 from worker.models.loader import load_model, resolve_dtype
 
@@ -126,6 +126,10 @@ class Engine:
         log.info("KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d", num_blocks,
                  self.config.block_size, num_blocks * self.config.block_size, self.max_model_len)
         self._children: dict[str, list[Request]] = {}
+        # On by default where it pays: a CUDA device runs a step while the host plans the next.
+        self.async_scheduling = (self.device.type == "cuda" if self.config.async_scheduling is None
+                                 else self.config.async_scheduling)
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -286,15 +290,48 @@ class Engine:
             self._forget_if_done(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # -- the step --------------------------------------------------------------------------
 
     def step(self) -> list[EngineOutput]:
-        sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            return []
-        result = self.runner.execute(sched_out)
+        """Runs the engine one step on; returns what requests gained in the step that finished.
+
+        With async scheduling the next step is scheduled and queued on the device before the
+        previous one's tokens are read back, so the host's work overlaps the device's instead of
+        leaving it idle; a request whose next token needs its last one on the host (penalties, a
+        logits mask) makes that step wait as before.
+        """
+        if not self.async_scheduling:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return []
+            pending = self.runner.launch(sched)
+            self.scheduler.advance(sched)
+            return self._resolve(sched, pending)
+        outputs: list[EngineOutput] = []
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None and self._needs_host_tokens():
+            outputs += self._resolve(*prev)
+            prev = None
+        sched = self.scheduler.schedule()
+        if not sched.is_empty:
+            pending = self.runner.launch(sched, prev[1] if prev is not None else None)
+            self.scheduler.advance(sched)
+            self._in_flight = (sched, pending)
+        if prev is not None:
+            outputs += self._resolve(*prev)
+        return outputs
+
+    def _needs_host_tokens(self) -> bool:
+        return any(r.logits_mask is not None or has_penalty(r.sampling_params)
+                   for r in self.scheduler.running)
+
+    def _resolve(self, sched: SchedulerOutput, pending: PendingStep) -> list[EngineOutput]:
+        """Reads a launched step's tokens back and applies them to its requests."""
+        result = pending.result()
+        # Ended while the step ran (aborted, or finished by the step before): nothing to report.
+        ended = {id(s.request) for s in sched.scheduled if s.request.is_finished}
         errors = dict(result.errors)
         for rid, token_id in result.sampled.items():
             req = self.scheduler.requests.get(rid)
@@ -303,11 +340,13 @@ class Engine:
                     req.logits_mask.accept_token(token_id)
                 except Exception as e:  # one request's hook must not end the batch
                     errors[rid] = f"{type(e).__name__}: {e}"
-        self.scheduler.update(sched_out, result.sampled, errors)
+        self.scheduler.resolve(sched, result.sampled, errors)
         outputs = []
-        for s in sched_out.scheduled:
+        for s in sched.scheduled:
             req = s.request
             rid = req.request_id
+            if id(req) in ended:
+                continue
             if rid in result.sampled or req.is_finished:
                 new = [result.sampled[rid]] if rid in result.sampled and rid not in errors else []
                 lps = [result.logprobs[rid]] if rid in result.logprobs and new else []

@@ -38,6 +38,11 @@ _FINISH_REASONS = {
 }
 
 
+# Stands for a token sampled by a step that is still running on the device: the next step is
+# scheduled before the token is known, and its input is taken from the device directly.
+PLACEHOLDER_TOKEN = -1
+
+
 class LogitsMask(Protocol):
     """Per-request hook that restricts the next token (structured output).
 
@@ -105,3 +110,14 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def set_output_token(self, index: int, token_id: int) -> None:
+        """Fills in a token that was appended as PLACEHOLDER_TOKEN."""
+        self.output_token_ids[index] = token_id
+        self.all_token_ids[self.num_prompt_tokens + index] = token_id
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drops output tokens past the first `num_output_tokens` (placeholders of a step that
+        ran after the request had in fact finished)."""
+        del self.output_token_ids[num_output_tokens:]
+        del self.all_token_ids[self.num_prompt_tokens + num_output_tokens:]

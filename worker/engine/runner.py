@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from worker.engine.attention import AttentionMetadata
-from worker.engine.sampler import Sampler, TokenLogprobs
+from worker.engine.request import PLACEHOLDER_TOKEN, Request
+from worker.engine.sampler import PendingSample, Sampler, TokenLogprobs
 from worker.engine.scheduler import SchedulerOutput
 from worker.models.llama import LlamaForCausalLM
 
@@ -28,6 +29,40 @@ class RunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+
+
+class PendingStep:
+    """A launched step: its sampled tokens stay on the device (the next step's inputs) until
+    `result()` brings them to the host."""
+
+    def __init__(self, requests: list[Request], sample: PendingSample | None) -> None:
+        self.requests = requests  # the requests that sample, in row order
+        self.sample = sample
+        self.row_of = {req.request_id: i for i, req in enumerate(requests)}
+        self._result: RunnerOutput | None = None
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        return None if self.sample is None else self.sample.tokens  # [num_sampled] int64
+
+    def result(self) -> RunnerOutput:
+        if self._result is not None:
+            return self._result
+        result = RunnerOutput()
+        if self.sample is not None:
+            out = self.sample.result()
+            for i, req in enumerate(self.requests):
+                rid = req.request_id
+                error = out.errors[i]
+                if error is not None:
+                    result.errors[rid] = error
+                    continue
+                result.sampled[rid] = out.token_ids[i]
+                lp = out.logprobs[i]
+                if lp is not None:
+                    result.logprobs[rid] = lp
+        self._result = result
+        return result
 
 
 @dataclass
@@ -42,6 +77,10 @@ class StepInputs:
     block_table: np.ndarray  # [S, W] int32
     query_lens: list[int]
     sample_rows: list[int]
+    # Rows whose input is a token the previous step sampled and the host does not know yet,
+    # and where that token sits in the previous step's sampled tensor.
+    placeholder_rows: np.ndarray  # [P] int64
+    placeholder_src: np.ndarray  # [P] int64
 
 
 def cuda_graph_buckets(max_batch: int) -> list[int]:
@@ -51,30 +90,47 @@ def cuda_graph_buckets(max_batch: int) -> list[int]:
 
 
 class _Uploader:
-    """Pinned staging buffers, reused every step, and one async copy per dtype."""
+    """Pinned staging buffers and one async copy per dtype.
+
+    Two sets of buffers take turns: with steps launched ahead, the host fills step N+1's while
+    step N's copy may still be queued; an event per set says when its last copy has run.
+    """
 
     def __init__(self, device: torch.device, num_int64: int, num_int32: int) -> None:
         self.device = device
         pin = device.type == "cuda"
-        self.host64 = torch.empty(num_int64, dtype=torch.int64, pin_memory=pin)
-        self.host32 = torch.empty(num_int32, dtype=torch.int32, pin_memory=pin)
+        self.sets = [[torch.empty(num_int64, dtype=torch.int64, pin_memory=pin),
+                      torch.empty(num_int32, dtype=torch.int32, pin_memory=pin)]
+                     for _ in range(2)]
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
 
     def upload(self, arrays64: list[np.ndarray], arrays32: list[np.ndarray]
                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return self._send(self.host64, arrays64), self._send(self.host32, arrays32)
+        turn, self.turn = self.turn, 1 - self.turn
+        event = self.events[turn]
+        if event is not None:
+            event.synchronize()
+        bufs = self.sets[turn]
+        out = self._send(bufs, 0, arrays64), self._send(bufs, 1, arrays32)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self.events[turn] = event
+        return out
 
-    def _send(self, host: torch.Tensor, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+    def _send(self, bufs: list[torch.Tensor], which: int,
+              arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        host = bufs[which]
         sizes = [a.size for a in arrays]
         total = sum(sizes)
         if total > host.numel():  # grows rarely: only past the sizes planned at start
-            host = torch.empty(total, dtype=host.dtype, pin_memory=host.is_pinned())
+            host = bufs[which] = torch.empty(total, dtype=host.dtype, pin_memory=host.is_pinned())
         view = host.numpy()
         offset = 0
         for a in arrays:
             view[offset:offset + a.size] = a.reshape(-1)
             offset += a.size
-        # The previous step's copy out of this buffer has finished: every step ends with the
-        # sampler's host read, which waits for the stream.
         dev = host[:total].to(self.device, non_blocking=True)
         out, offset = [], 0
         for a, n in zip(arrays, sizes, strict=True):
@@ -108,7 +164,7 @@ class ModelRunner:
         ]
         self.sampler = Sampler(cfg.vocab_size)
         tokens = max(max_num_batched_tokens, max_num_seqs)
-        self.uploader = _Uploader(device, 3 * tokens,
+        self.uploader = _Uploader(device, 5 * tokens,
                                   2 * max_num_seqs + 1 + max_num_seqs * self.max_blocks_per_seq)
         self.graphs: dict[int, _Graph] = {}
         if cuda_graph_max_batch > 0:
@@ -116,31 +172,32 @@ class ModelRunner:
 
     # -- one step ---------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        inputs = self._build_inputs(out)
-        hidden = self._forward_graph(inputs) if self._graph_fits(inputs) else \
-            self._forward_eager(inputs)
-        result = RunnerOutput()
+        """Runs one step and waits for its tokens."""
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: PendingStep | None = None) -> PendingStep:
+        """Queues one step on the device. Inputs that are placeholders for `prev`'s tokens are
+        read from `prev`'s sampled tensor on the device."""
+        inputs = self._build_inputs(out, prev)
+        hidden = self._forward_graph(inputs, prev) if self._graph_fits(inputs) else \
+            self._forward_eager(inputs, prev)
+        requests = [s.request for s in out.scheduled if s.samples]
         if not inputs.sample_rows:
-            return result
+            return PendingStep(requests, None)
         rows = torch.tensor(inputs.sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
-        requests = [s.request for s in out.scheduled if s.samples]
-        sampler_out = self.sampler(logits, requests)
-        for i, req in enumerate(requests):
-            rid = req.request_id
-            error = sampler_out.errors[i]
-            if error is not None:
-                result.errors[rid] = error
-                continue
-            result.sampled[rid] = sampler_out.token_ids[i]
-            lp = sampler_out.logprobs[i]
-            if lp is not None:
-                result.logprobs[rid] = lp
-        return result
+        return PendingStep(requests, self.sampler.sample_async(logits, requests))
 
-    def _build_inputs(self, out: SchedulerOutput) -> StepInputs:
+    @staticmethod
+    def _fill_placeholders(ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor,
+                           prev: PendingStep | None) -> None:
+        if rows.numel():
+            assert prev is not None and prev.tokens is not None
+            ids.index_copy_(0, rows, prev.tokens.index_select(0, src))
+
+    def _build_inputs(self, out: SchedulerOutput, prev: PendingStep | None) -> StepInputs:
         bs = self.block_size
         num_seqs = len(out.scheduled)
         width = max(len(s.block_ids) for s in out.scheduled)
@@ -149,11 +206,20 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         query_lens, seq_lens, sample_rows = [], [], []
+        ph_rows: list[int] = []
+        ph_src: list[int] = []
         for i, s in enumerate(out.scheduled):
             req, start, n, table = s.request, s.start, s.num_new_tokens, s.block_ids
             block_table[i, :len(table)] = table
             if n == 1:  # decode rows dominate: plain ints beat numpy calls on one element
-                input_ids.append(req.all_token_ids[start])
+                token = req.all_token_ids[start]
+                if token == PLACEHOLDER_TOKEN:
+                    if prev is None or req.request_id not in prev.row_of:
+                        raise RuntimeError(f"{req.request_id}: input token not sampled yet")
+                    ph_rows.append(len(input_ids))
+                    ph_src.append(prev.row_of[req.request_id])
+                    token = 0
+                input_ids.append(token)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -172,12 +238,16 @@ class ModelRunner:
             positions=np.asarray(positions, dtype=np.int64),
             slot_mapping=np.asarray(slots, dtype=np.int64),
             query_start_loc=query_start, seq_lens=np.asarray(seq_lens, dtype=np.int32),
-            block_table=block_table, query_lens=query_lens, sample_rows=sample_rows)
+            block_table=block_table, query_lens=query_lens, sample_rows=sample_rows,
+            placeholder_rows=np.asarray(ph_rows, dtype=np.int64),
+            placeholder_src=np.asarray(ph_src, dtype=np.int64))
 
-    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
-        (ids, positions, slots), (qsl, seq_lens, table) = self.uploader.upload(
-            [inputs.input_ids, inputs.positions, inputs.slot_mapping],
+    def _forward_eager(self, inputs: StepInputs, prev: PendingStep | None) -> torch.Tensor:
+        (ids, positions, slots, ph_rows, ph_src), (qsl, seq_lens, table) = self.uploader.upload(
+            [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.placeholder_rows,
+             inputs.placeholder_src],
             [inputs.query_start_loc, inputs.seq_lens, inputs.block_table])
+        self._fill_placeholders(ids, ph_rows, ph_src, prev)
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_table=table,
             query_lens_cpu=inputs.query_lens, seq_lens_cpu=inputs.seq_lens.tolist(),
@@ -190,7 +260,7 @@ class ModelRunner:
         n = len(inputs.query_lens)
         return bool(self.graphs) and n <= max(self.graphs) and len(inputs.input_ids) == n
 
-    def _forward_graph(self, inputs: StepInputs) -> torch.Tensor:
+    def _forward_graph(self, inputs: StepInputs, prev: PendingStep | None) -> torch.Tensor:
         n = len(inputs.query_lens)
         bucket = min(b for b in self.graphs if b >= n)
         pad = bucket - n
@@ -200,8 +270,10 @@ class ModelRunner:
         seq_lens = np.concatenate([inputs.seq_lens, np.ones(pad, np.int32)])
         table = np.zeros((bucket, inputs.block_table.shape[1]), dtype=np.int32)
         table[:n] = inputs.block_table
-        (ids_d, pos_d, slots_d), (seq_lens_d, table_d) = self.uploader.upload(
-            [ids, positions, slots], [seq_lens, table])
+        (ids_d, pos_d, slots_d, ph_rows, ph_src), (seq_lens_d, table_d) = self.uploader.upload(
+            [ids, positions, slots, inputs.placeholder_rows, inputs.placeholder_src],
+            [seq_lens, table])
+        self._fill_placeholders(ids_d, ph_rows, ph_src, prev)
         g = self._static
         g["input_ids"][:bucket].copy_(ids_d)
         g["positions"][:bucket].copy_(pos_d)

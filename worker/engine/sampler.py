@@ -41,6 +41,34 @@ class SamplerOutput:
     errors: list[str | None]  # set where that row's logits_mask failed; its token is meaningless
 
 
+class PendingSample:
+    """A batch's sampling, queued on the device; `result()` brings it to the host (once)."""
+
+    def __init__(self, sampler: Sampler, tokens: torch.Tensor, raw: _RawLogprobs | None,
+                 masks: _MaskState | None, params: list[SamplingParams],
+                 errors: list[str | None]) -> None:
+        self.tokens = tokens  # [num_reqs] int64 on the device: the next step's inputs
+        self._raw, self._masks, self._params, self._errors = raw, masks, params, errors
+        flat = sampler._pack(tokens, raw, masks)
+        self._event: torch.cuda.Event | None = None
+        if flat.device.type == "cuda":
+            # Lands in pinned memory without blocking the host; the event says when.
+            self._flat = flat.to("cpu", non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._flat = flat
+        self._result: SamplerOutput | None = None
+
+    def result(self) -> SamplerOutput:
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._result = Sampler._unpack(self._flat.tolist(), self._raw, self._masks,
+                                           self._params, self._errors)
+        return self._result
+
+
 @dataclass
 class _RawLogprobs:
     """Raw-distribution logprobs of the rows that asked for them, kept until the token is known."""
@@ -104,18 +132,23 @@ class Sampler:
         self._histories: dict[int, _History] = {}
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
+        return self.sample_async(logits, requests).result()
+
+    def sample_async(self, logits: torch.Tensor, requests: Sequence[Request]) -> PendingSample:
+        """Queues the sampling on the logits' device; the host reads the result later, so the
+        next step can be queued behind this one first."""
         num_reqs = len(requests)
         if logits.dim() != 2 or logits.shape[0] != num_reqs or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits must be [{num_reqs}, {self.vocab_size}] (one row per "
                              f"request), got {list(logits.shape)}")
         if num_reqs == 0:
-            return SamplerOutput(token_ids=[], logprobs=[], errors=[])
+            return PendingSample(self, logits.new_empty(0, dtype=torch.long), None, None, [], [])
         params = [req.sampling_params for req in requests]
         errors: list[str | None] = [None] * num_reqs
 
         # The stages below edit logits in place; the caller's tensor must stay raw. An all-greedy
         # batch with no masks or penalties reads only, so it skips the copy.
-        edits = any(_is_random(p) or _has_penalty(p) or p.min_tokens > 0 for p in params) or any(
+        edits = any(_is_random(p) or has_penalty(p) or p.min_tokens > 0 for p in params) or any(
             req.logits_mask is not None for req in requests)
         # logits: [num_reqs, vocab] float32
         if logits.dtype != torch.float32:
@@ -130,7 +163,7 @@ class Sampler:
         masks = self._apply_masks(logits, requests, errors)
         self._apply_penalties(logits, requests)
         tokens = self._sample(logits, requests)  # [num_reqs] int64
-        return self._finish(tokens, raw, masks, params, errors)
+        return PendingSample(self, tokens, raw, masks, params, errors)
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -235,7 +268,7 @@ class Sampler:
 
     def _apply_penalties(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
         """Repetition over prompt and output; presence and frequency over output only."""
-        rows = [i for i, req in enumerate(requests) if _has_penalty(req.sampling_params)]
+        rows = [i for i, req in enumerate(requests) if has_penalty(req.sampling_params)]
         if not rows:
             return
         pen_reqs = [requests[i] for i in rows]
@@ -374,9 +407,10 @@ class Sampler:
 
     # -- result ---------------------------------------------------------------------------------
 
-    def _finish(self, tokens: torch.Tensor, raw: _RawLogprobs | None, masks: _MaskState | None,
-                params: list[SamplingParams], errors: list[str | None]) -> SamplerOutput:
-        """Packs every result into one float64 vector so the host syncs with the device once."""
+    @staticmethod
+    def _pack(tokens: torch.Tensor, raw: _RawLogprobs | None,
+              masks: _MaskState | None) -> torch.Tensor:
+        """Every result in one float64 vector, so the host reads the device once."""
         # float64 holds int token ids and ranks exactly, and float32 logprobs without rounding.
         parts: list[torch.Tensor] = [tokens]
         if raw is not None:
@@ -389,8 +423,11 @@ class Sampler:
                 parts += [raw.top_ids, raw.top_values]
         if masks is not None:
             parts += [masks.empty, masks.dead]
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts]).tolist()
+        return torch.cat([t.reshape(-1).to(torch.float64) for t in parts])
 
+    @staticmethod
+    def _unpack(flat: list[float], raw: _RawLogprobs | None, masks: _MaskState | None,
+                params: list[SamplingParams], errors: list[str | None]) -> SamplerOutput:
         num_reqs = len(params)
         token_ids = [int(t) for t in flat[:num_reqs]]
         pos = num_reqs
@@ -475,7 +512,7 @@ def _is_random(p: SamplingParams) -> bool:
     return not p.is_greedy and p.top_k != 1
 
 
-def _has_penalty(p: SamplingParams) -> bool:
+def has_penalty(p: SamplingParams) -> bool:
     return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
             or p.frequency_penalty != 0.0)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from worker.engine.block_manager import KVCacheManager
 from worker.engine.config import EngineConfig
-from worker.engine.request import Request, RequestStatus
+from worker.engine.request import PLACEHOLDER_TOKEN, Request, RequestStatus
 
 
 @dataclass
@@ -25,6 +25,7 @@ class ScheduledRequest:
     num_new_tokens: int
     start: int  # num_computed_tokens before this step
     block_ids: list[int]
+    output_index: int = -1  # where this step's sampled token goes; set when the step launches
 
     @property
     def samples(self) -> bool:
@@ -126,6 +127,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if self._awaits_final_token(req):
+                i += 1
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if self._allocate_or_preempt(req, num_new, i, out):
                 out.scheduled.append(ScheduledRequest(
@@ -199,40 +203,69 @@ class Scheduler:
             return False
         return True
 
+    def _awaits_final_token(self, req: Request) -> bool:
+        """Its last token is a placeholder that will end it (length): nothing left to run."""
+        return req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len
+
     def update(self, out: SchedulerOutput, sampled: dict[str, int],
                errors: dict[str, str]) -> list[Request]:
         """Advances requests past a finished step; returns those that finished in it."""
+        self.advance(out)
+        return self.resolve(out, sampled, errors)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step was launched: its tokens count as computed, and each request that samples
+        holds a placeholder for its new token, so the next step can be scheduled (and its input
+        taken from the device) before this step's tokens reach the host."""
+        for s in out.scheduled:
+            req = s.request
+            if req.is_finished:  # aborted before the step was launched
+                continue
+            req.num_computed_tokens = s.start + s.num_new_tokens
+            if s.samples:
+                s.output_index = req.num_output_tokens
+                req.append_output_token(PLACEHOLDER_TOKEN)
+
+    def resolve(self, out: SchedulerOutput, sampled: dict[str, int],
+                errors: dict[str, str]) -> list[Request]:
+        """Fills in an advanced step's tokens; returns the requests that finished in it."""
         finished: list[Request] = []
         for s in out.scheduled:
             req = s.request
-            if req.is_finished:  # aborted while the step ran
+            if req.is_finished:  # aborted, stopped, or ended by the step before this one
                 continue
-            req.num_computed_tokens = s.start + s.num_new_tokens
-            self.kv.cache_computed_blocks(req)
             if req.request_id in errors:
+                if s.output_index >= 0:
+                    req.truncate_output(s.output_index)
                 req.error = errors[req.request_id]
                 self.finish(req, RequestStatus.FINISHED_ERROR)
                 finished.append(req)
                 continue
             token_id = sampled.get(req.request_id)
+            if s.output_index >= 0 and token_id is not None:
+                req.set_output_token(s.output_index, token_id)
+            # Only now are all computed tokens real, so only now may full blocks be named.
+            self.kv.cache_computed_blocks(req)
             if token_id is None:
                 continue
-            req.append_output_token(token_id)
-            status = self._stop_status(req, token_id)
+            status = self._stop_status(req, token_id, s.output_index + 1)
             if status is not None:
+                req.truncate_output(s.output_index + 1)
                 self.finish(req, status)
                 finished.append(req)
         return finished
 
-    def _stop_status(self, req: Request, token_id: int) -> RequestStatus | None:
+    def _stop_status(self, req: Request, token_id: int,
+                     num_output: int) -> RequestStatus | None:
+        """Whether the request ends with `token_id`, its `num_output`-th output token."""
         params = req.sampling_params
-        if req.num_output_tokens >= params.min_tokens:
+        if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id in req.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token_id in params.stop_token_ids:
                 req.stop_reason = token_id
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if num_output >= req.max_tokens or req.num_prompt_tokens + num_output >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None
 
