@@ -167,7 +167,11 @@ def tool_call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
         options.append({"type": "object", "properties": {
             "name": {"const": fn["name"]}, "arguments": params},
             "required": ["name", "arguments"], "additionalProperties": False})
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    # The layout templates show models (json.dumps'): ", " and ": ", no other whitespace, so a
+    # call cannot drift into endless whitespace.
+    return {**schema, "x-guidance": {"whitespace_flexible": False, "item_separator": ", ",
+                                     "key_separator": ": "}}
 
 
 def tool_call_grammar(tools: Sequence[dict[str, Any]], choice: ToolChoice,
