@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -266,16 +269,19 @@ def test_loop_drains_an_idle_pod_and_only_that_pod_goes(api: FakeKubernetesApi,
 # -- credentials -----------------------------------------------------------------------------
 
 
-def test_outside_a_cluster_the_kubeconfig_is_used(api: FakeKubernetesApi, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(json.dumps({
+def write_kubeconfig(path: Path, server: str) -> Path:
+    path.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+        "clusters": [{"name": "fake", "cluster": {"server": server}}],
         "users": [{"name": "scaler", "user": {"token": "t0ken"}}],
         "contexts": [{"name": "test", "context": {"cluster": "fake", "user": "scaler"}}]}))
+    return path
+
+
+def test_outside_a_cluster_the_kubeconfig_is_used(api: FakeKubernetesApi, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "config", api.url)))
     api.add_deployment(WORKERS, 2)
     backend = KubernetesBackend(NS, WORKERS)
     assert backend.replicas() == 2
@@ -288,3 +294,29 @@ def test_no_credentials_says_how_to_provide_them(tmp_path: Path,
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     with pytest.raises(KubernetesConfigError, match="KUBECONFIG"):
         KubernetesBackend(NS, WORKERS)
+
+
+def test_sluice_scaler_process_sizes_the_deployment(api: FakeKubernetesApi, redis_url: str,
+                                                   client: redis.Redis, tmp_path: Path) -> None:
+    """`sluice scaler --backend kubernetes` as the scaler pod runs it, credentials from a
+    kubeconfig: a job queued at zero workers makes it patch the Deployment to one replica."""
+    api.add_deployment(WORKERS, 0)
+    env = {**os.environ, "KUBECONFIG": str(write_kubeconfig(tmp_path / "config", api.url))}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "scaler", "--backend", "kubernetes",
+         "--namespace", NS, "--deployment", WORKERS, "--model", MODEL, "--redis-url", redis_url,
+         "--interval", "0.2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    try:
+        client.xadd(names.queue(MODEL), {names.JOB_FIELD: "{}"})
+        deadline = time.monotonic() + 60
+        while api.deployments[WORKERS].replicas == 0 and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert api.deployments[WORKERS].replicas == 1
+    finally:
+        proc.terminate()
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "scaled up from 0 to 1" in output
