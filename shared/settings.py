@@ -293,7 +293,7 @@ class ScalerSettings(_Settings):
     device: str = Field(default="auto", pattern=_DEVICE_PATTERN)  # of local workers
     worker_args: StrList = Field(default_factory=list)  # extra `sluice worker` flags (local)
     # Kubernetes backend: the worker Deployment to scale.
-    namespace: str = "default"
+    namespace: str | None = None  # None: the scaler pod's own namespace, else "default"
     deployment: str = "sluice-worker"
 
     @field_validator("worker_args", mode="before")
