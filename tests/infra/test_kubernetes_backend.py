@@ -16,6 +16,7 @@ import pytest
 import redis
 from k8s_api import COST, PATCH_TYPES, FakeKubernetesApi
 
+from infra.scaler import kubernetes as kubernetes_backend
 from infra.scaler.backend import Backend
 from infra.scaler.kubernetes import (
     DRAINED_POD_DELETION_COST,
@@ -320,3 +321,17 @@ def test_sluice_scaler_process_sizes_the_deployment(api: FakeKubernetesApi, redi
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
     assert "scaled up from 0 to 1" in output
+
+
+def test_namespace_defaults_to_the_pods_own(api: FakeKubernetesApi, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    token_dir = tmp_path / "serviceaccount"
+    token_dir.mkdir()
+    (token_dir / "namespace").write_text(NS)
+    monkeypatch.setattr(kubernetes_backend, "SERVICE_ACCOUNT_NAMESPACE", token_dir / "namespace")
+    api.add_deployment(WORKERS, 1)
+    backend = KubernetesBackend(None, WORKERS, host=api.url)
+    assert backend.namespace == NS and backend.replicas() == 1
+    backend.close()
+    monkeypatch.setattr(kubernetes_backend, "SERVICE_ACCOUNT_NAMESPACE", tmp_path / "missing")
+    assert KubernetesBackend(None, WORKERS, host=api.url).namespace == "default"
