@@ -9,7 +9,6 @@ used. Where kubectl is installed, each kustomization is also rendered and its ou
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
+from infra.probe import build_parser as build_probe_parser
 from shared import names
 from shared.settings import GatewaySettings, ScalerSettings, WorkerSettings, load_settings
 from worker.models.registry import CACHE_DIR_ENV
@@ -227,9 +227,14 @@ def test_worker_pod() -> None:
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     # Worker id = pod name, which is what the Kubernetes backend removes.
     assert env(c)["SLUICE_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    command = c["readinessProbe"]["exec"]["command"]
-    assert command[:2] == ["python", "-m"] and importlib.util.find_spec(command[2]) is not None
-    assert command[2] == "infra.probe"
+    probes = {kind: c[kind]["exec"]["command"]
+              for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    for command in probes.values():
+        assert command[:3] == ["python", "-m", "infra.probe"]
+        build_probe_parser().parse_args(command[3:])  # flags the probe knows
+    assert probes["readinessProbe"][3:] == []  # ready means state "ready"
+    assert probes["startupProbe"][3:] == ["--alive"]
+    assert probes["livenessProbe"][3:] == ["--alive", "--redis-down-ok"]
     metrics_port = {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"]
     assert env(c)["SLUICE_METRICS_PORT"]["value"] == str(metrics_port)
     assert pod["terminationGracePeriodSeconds"] >= 300  # room to finish requests when draining

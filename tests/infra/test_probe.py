@@ -76,3 +76,23 @@ def test_runs_as_a_module_from_the_environment(redis_url: str) -> None:
     done = subprocess.run([sys.executable, "-m", "infra.probe"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 1
+
+
+@pytest.mark.parametrize("state", ["starting", "ready", "draining", "drained"])
+def test_alive_passes_on_any_heartbeat(redis_url: str, state: str) -> None:
+    beat(redis_url, state)
+    assert probe(redis_url, "--alive") == 0
+
+
+def test_alive_fails_without_a_heartbeat(redis_url: str) -> None:
+    assert probe(redis_url, "--alive") == 1
+    assert probe(redis_url, "--alive", "--redis-down-ok") == 1
+
+
+def test_liveness_passes_when_redis_is_down() -> None:
+    """A Redis outage silences every worker; restarting them all would not help."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    assert probe(url, "--alive", "--timeout-s", "0.5") == 1  # startup: not yet
+    assert probe(url, "--alive", "--redis-down-ok", "--timeout-s", "0.5") == 0
