@@ -205,7 +205,12 @@ class WorkerService:
             log.error("dropping malformed job %s: %s", entry_id, e)
             await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
             return
-        if await self.redis.exists(names.cancelled(self.model_name, job.id)):
+        # One round trip for both lookups: this sits between a job's arrival and its first token.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(names.cancelled(self.model_name, job.id))
+        pipe.get(names.checkpoint(self.model_name, job.id))
+        is_cancelled, ckpt = await pipe.execute()
+        if is_cancelled:
             record = RequestRecord(id=job.id, model=self.model_name, kind=job.kind,
                                    status="cancelled", created=job.created, finished=time.time())
             await self._write_record_then_ack(record, entry_id)
@@ -231,7 +236,7 @@ class WorkerService:
             await self._fail(job, entry_id, [], str(e), "invalid_request_error")
             return
         try:
-            await self._start(job, entry_id, prompt_ids, params)
+            await self._start(job, entry_id, prompt_ids, params, ckpt)
         except Exception as e:  # one job's failure must never stop this worker reading jobs
             log.exception("job %s failed to start", job.id)
             self.active.pop(job.id, None)
@@ -239,21 +244,20 @@ class WorkerService:
             await self._fail(job, entry_id, [], f"{type(e).__name__}: {e}", "server_error")
 
     async def _start(self, job: Job, entry_id: str, prompt_ids: list[int],
-                     params: SamplingParams) -> None:
+                     params: SamplingParams, ckpt: bytes | None) -> None:
         active = Active(job, entry_id, prompt_ids)
         engine_prompt = prompt_ids
-        if params.n == 1:  # n > 1 restarts from scratch; the gateway drops what it already has
-            ckpt = await self.redis.get(names.checkpoint(self.model_name, job.id))
-            if ckpt:
-                done = json.loads(ckpt)
-                active.resumed_token_ids, active.resumed_text = done["token_ids"], done["text"]
-                active.num_sent[0] = active.checkpointed = len(active.resumed_token_ids)
-                engine_prompt = prompt_ids + active.resumed_token_ids
-                left = (params.max_tokens or self.max_model_len) - len(active.resumed_token_ids)
-                params = params.clone(max_tokens=max(left, 1),
-                                      min_tokens=max(0, min(params.min_tokens - len(
-                                          active.resumed_token_ids), left)))
-                log.info("resuming %s after %d tokens", job.id, len(active.resumed_token_ids))
+        # n > 1 restarts from scratch; the gateway drops what it already has
+        if params.n == 1 and ckpt:
+            done = json.loads(ckpt)
+            active.resumed_token_ids, active.resumed_text = done["token_ids"], done["text"]
+            active.num_sent[0] = active.checkpointed = len(active.resumed_token_ids)
+            engine_prompt = prompt_ids + active.resumed_token_ids
+            left = (params.max_tokens or self.max_model_len) - len(active.resumed_token_ids)
+            params = params.clone(max_tokens=max(left, 1),
+                                  min_tokens=max(0, min(params.min_tokens - len(
+                                      active.resumed_token_ids), left)))
+            log.info("resuming %s after %d tokens", job.id, len(active.resumed_token_ids))
         self.active[job.id] = active
         self.metrics.admitted(job.id, job.created, len(prompt_ids))
         self.processor.add_request(job.id, job.prompt, engine_prompt, params)
@@ -312,9 +316,11 @@ class WorkerService:
             self.metrics.tokens(d.request_id, len(d.token_ids))
             result = self.processor.get(d.request_id)
             done = result is not None and result.finished
-            event = Event(req_id=d.request_id, index=d.index, seq=seq, text=d.text,
-                          token_ids=d.token_ids, logprobs=self._logprobs(d, active.job),
-                          finish_reason=d.finish_reason, stop_reason=d.stop_reason, error=d.error)
+            # Built from checked values every step: construct skips re-validating each one.
+            event = Event.model_construct(
+                req_id=d.request_id, index=d.index, seq=seq, text=d.text, token_ids=d.token_ids,
+                logprobs=self._logprobs(d, active.job), finish_reason=d.finish_reason,
+                stop_reason=d.stop_reason, error=d.error)
             if done and d.finish_reason is not None:
                 event.usage = self._usage(result, active)
             if active.job.reply_channel:
