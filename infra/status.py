@@ -6,6 +6,7 @@ give the same view, built by `shared.fleet.fleet_view`.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ def from_redis(url: str) -> dict[str, Any]:
 
 
 def from_gateway(url: str, api_key: str | None) -> dict[str, Any]:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one request: no access log
     base = url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
