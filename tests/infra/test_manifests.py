@@ -212,14 +212,20 @@ def test_each_process_accepts_its_environment(process: str,
         assert settings.namespace == "sluice" and settings.backend == "kubernetes"
 
 
-def test_services_select_pods_and_ports_exist() -> None:
+def test_services_and_budgets_select_pods_and_ports_exist() -> None:
     templates = [d["spec"]["template"] for d in BASE if d["kind"] in ("Deployment", "StatefulSet")]
+
+    def pod_of(selector: dict[str, str]) -> Doc:
+        (pod,) = [t for t in templates if selector.items() <= t["metadata"]["labels"].items()]
+        return pod
+
     for svc in (d for d in BASE if d["kind"] == "Service"):
-        selector = svc["spec"]["selector"]
-        (pod,) = [t for t in templates
-                  if selector.items() <= t["metadata"]["labels"].items()]
+        pod = pod_of(svc["spec"]["selector"])
         ports = {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports, svc["metadata"]["name"]
+    budgets = [d for d in BASE if d["kind"] == "PodDisruptionBudget"]
+    assert {pod_of(b["spec"]["selector"]["matchLabels"])["metadata"]["labels"][
+        "app.kubernetes.io/component"] for b in budgets} == {"worker", "gateway"}
 
 
 def test_worker_pod() -> None:
