@@ -44,7 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    from shared.settings import InvalidSettingsError
+
+    try:
+        return int(args.func(args) or 0)
+    except InvalidSettingsError as e:  # a flag or SLUICE_* variable is wrong: say which
+        print(f"sluice {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 def _given(args: argparse.Namespace, *fields: str) -> dict[str, object]:

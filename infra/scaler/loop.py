@@ -124,10 +124,10 @@ class ScalerLoop:
             log.info("draining worker %s (%d requests in flight)", w.worker_id, w.load)
 
     def _remove_drained(self, snap: Snapshot) -> None:
-        if not self.draining:
-            return
         states = {w.worker_id: w.state for w in snap.obs.workers}
-        done = []
+        # Drained workers nobody waits for were drained by an earlier scaler that stopped
+        # before removing them: they serve nothing, so they go too.
+        done = [w for w, state in states.items() if state == "drained" and w not in self.draining]
         for worker_id, asked in self.draining.items():
             state = states.get(worker_id)
             if state == "drained" or state is None:

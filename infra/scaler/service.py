@@ -39,12 +39,15 @@ def make_backend(s: ScalerSettings, log_dir: Path | None = None) -> Backend:
         return LocalBackend(s.redis_url, s.model, served, device=s.device,
                             worker_args=s.worker_args, log_dir=log_dir)
     try:  # imported only when asked for: the kubernetes client is an optional dependency
-        from infra.scaler.kubernetes import KubernetesBackend
+        from infra.scaler.kubernetes import KubernetesBackend, KubernetesBackendError
     except ImportError as e:
         raise BackendUnavailableError(
             f"the kubernetes backend cannot be loaded ({e}); install it with "
             "`pip install 'sluice[kubernetes]'`") from e
-    return KubernetesBackend(s.namespace, s.deployment)
+    try:
+        return KubernetesBackend(s.namespace, s.deployment)
+    except KubernetesBackendError as e:
+        raise BackendUnavailableError(f"the kubernetes backend cannot start: {e}") from e
 
 
 def build_loop(s: ScalerSettings, backend: Backend, client: redis.Redis) -> ScalerLoop:
