@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import redis
 
 from shared import names
-from shared.settings import DEFAULT_REDIS_URL
 
 READY_STATE = "ready"
 
@@ -80,9 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-id", default=os.environ.get("SLUICE_WORKER_ID"),
                         help="the worker to check (default: $SLUICE_WORKER_ID, which the "
                              "manifest sets to the pod name)")
-    parser.add_argument("--redis-url", default=os.environ.get("SLUICE_REDIS_URL",
-                                                              DEFAULT_REDIS_URL),
-                        help="default: $SLUICE_REDIS_URL, else %(default)s")
+    parser.add_argument("--redis-url", default=os.environ.get("SLUICE_REDIS_URL"),
+                        help="default: $SLUICE_REDIS_URL, else the settings' default")
     parser.add_argument("--alive", action="store_true",
                         help="pass on a heartbeat in any state, not only ready (startup and "
                              "liveness probes)")
@@ -96,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.redis_url is None:
+        # Imported only here: the settings module is half of this check's start-up time, and
+        # the kubelet runs it every few seconds in every worker pod.
+        from shared.settings import DEFAULT_REDIS_URL
+
+        args.redis_url = DEFAULT_REDIS_URL
     if not args.worker_id:
         print("no worker id: set SLUICE_WORKER_ID (the worker's own id) or pass --worker-id")
         return 2
