@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-mb", type=float, default=4.0, help="KV cache per worker")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpx2"):  # one access-log line per request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     config = PolicyConfig(min_workers=0, max_workers=args.max_workers, max_surge=2,
                           target_per_worker=args.target_per_worker,

@@ -131,6 +131,7 @@ async def _burst(env: Env, count: int) -> list[str]:
     return [r.choices[0].finish_reason for r in replies]
 
 
+@pytest.mark.slow
 def test_burst_on_an_idle_fleet_scales_from_zero_and_back(env: Env) -> None:
     config = PolicyConfig(min_workers=0, max_workers=3, max_surge=1, target_per_worker=8,
                           stabilization_s=2.0, idle_timeout_s=3.0)
@@ -165,6 +166,7 @@ def test_burst_on_an_idle_fleet_scales_from_zero_and_back(env: Env) -> None:
         assert s.backend.num_failed == 0
 
 
+@pytest.mark.slow
 def test_a_worker_drained_with_requests_in_flight_finishes_them(env: Env) -> None:
     # At most 2 running and 1 waiting per worker, so 4 requests keep both workers busy.
     config = PolicyConfig(min_workers=2, max_workers=2, target_per_worker=4,
