@@ -94,7 +94,8 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
     results.put(Ready(engine.max_model_len, engine.vocab_size, engine.stats()))
     grammars: PendingGrammars[AddRequest] = PendingGrammars(GrammarCompiler(
         lambda: build_tokenizer(Tokenizer.load(engine_args["model_dir"]).hf, engine.vocab_size,
-                                engine.eos_token_ids), engine.vocab_size))
+                                engine.eos_token_ids), engine.vocab_size,
+        prefetch=engine.device.type == "cuda"))
     while True:
         rejected: list[Rejected] = []
         outputs: list[EngineOutput] = []

@@ -32,25 +32,47 @@ class GrammarError(RuntimeError):
 
 
 class GrammarMatcher:
-    """The engine's LogitsMask for one request."""
+    """The engine's LogitsMask for one request.
 
-    def __init__(self, matcher: LLMatcher, vocab_size: int) -> None:
-        self.matcher = matcher
+    With `prefetch`, the next mask is computed in the background as soon as a token is accepted,
+    so it is built while the engine runs its next forward pass instead of after it, and
+    `allowed_tokens` only waits for it. That pays where the model runs on a GPU and the host
+    idles meanwhile; on the CPU the fill would compete with the model for the same cores. The matcher is touched by one thread at a time: the engine asks for a mask only
+    after its previous token was accepted.
+    """
+
+    def __init__(self, matcher: LLMatcher, vocab_size: int, *, prefetch: bool = False) -> None:
+        self._matcher = matcher
         # Host memory: llguidance writes into it through a raw pointer.
         self._bitmask = torch.empty((1, (vocab_size + 31) // 32), dtype=torch.int32)
+        self._prefetch = prefetch
+        self._next: Future[None] | None = None
+        self._fresh = False  # the bitmask is that of the matcher's current state
+        self._schedule_fill()
+
+    @property
+    def matcher(self) -> LLMatcher:
+        """The llguidance matcher, once no background fill is using it."""
+        self._wait()
+        return self._matcher
 
     def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
         """[ceil(vocab_size / 32)] int32, the packed mask of the next token."""
         if self._bitmask.shape[1] != (vocab_size + 31) // 32:
             raise GrammarError(f"matcher built for another vocabulary than {vocab_size}")
-        llguidance.torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+        self._wait()
+        if not self._fresh:
+            self._fill()
         self._raise_on_error()
         return self._bitmask[0]
 
     def accept_token(self, token_id: int) -> None:
-        if not self.matcher.consume_token(token_id):
+        self._wait()  # an accepted token must not race a fill of the old state
+        self._fresh = False
+        if not self._matcher.consume_token(token_id):
             self._raise_on_error()
             raise GrammarError(f"the grammar rejects token {token_id}")
+        self._schedule_fill()
 
     def accept_tokens(self, token_ids: Iterable[int]) -> None:
         """Advances over tokens produced before (a request resumed from a checkpoint)."""
@@ -61,9 +83,33 @@ class GrammarMatcher:
     def is_finished(self) -> bool:
         return self.matcher.is_stopped()
 
+    def _fill(self) -> None:
+        llguidance.torch.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        self._fresh = True
+
+    def _schedule_fill(self) -> None:
+        if self._prefetch:
+            self._next = _fill_pool().submit(self._fill)
+
+    def _wait(self) -> None:
+        if self._next is not None:
+            next_, self._next = self._next, None
+            next_.result()
+
     def _raise_on_error(self) -> None:
-        if self.matcher.is_error():
-            raise GrammarError(self.matcher.get_error())
+        if self._matcher.is_error():
+            raise GrammarError(self._matcher.get_error())
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _fill_pool() -> ThreadPoolExecutor:
+    """One thread for every matcher of the process: it overlaps the model, not each other."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-mask")
+    return _POOL
 
 
 def build_tokenizer(hf_tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]
@@ -83,9 +129,10 @@ class GrammarCompiler:
     """
 
     def __init__(self, tokenizer: LLTokenizer | Callable[[], LLTokenizer], vocab_size: int, *,
-                 max_workers: int = 2, cache_size: int = 256) -> None:
+                 max_workers: int = 2, cache_size: int = 256, prefetch: bool = False) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.prefetch = prefetch  # matchers build their next mask in the background
         self._pool = ThreadPoolExecutor(max_workers=max_workers,
                                         thread_name_prefix="sluice-grammar")
         self._cache: OrderedDict[str, Future[LLMatcher]] = OrderedDict()
@@ -116,7 +163,7 @@ class GrammarCompiler:
 
     def matcher(self, template: LLMatcher) -> GrammarMatcher:
         """A fresh matcher in the template's start state."""
-        return GrammarMatcher(template.deep_copy(), self.vocab_size)
+        return GrammarMatcher(template.deep_copy(), self.vocab_size, prefetch=self.prefetch)
 
     def compile(self, grammar: str) -> GrammarMatcher:
         """Blocking: for offline use and tests."""

@@ -188,3 +188,17 @@ def test_tool_calls_parse_back_streamed_or_whole() -> None:
     assert "".join(r for r, _ in released) == "Sure. "
     assert [c.name for _, cs in released for c in cs] == ["f", "g"]
     assert parse_tool_calls("plain <tool") == ("plain <tool", [])
+
+
+def test_prefetched_masks_match_masks_built_on_demand(compiler: GrammarCompiler,
+                                                      tokenizer: Tokenizer) -> None:
+    grammar = build_grammar("json", {"type": "object", "properties": {
+        "k": {"enum": ["ab", "cd"]}}}, disable_any_whitespace=True)
+    template = compiler.submit(grammar).result()
+    ahead = GrammarMatcher(template.deep_copy(), tokenizer.vocab_size, prefetch=True)
+    plain = GrammarMatcher(template.deep_copy(), tokenizer.vocab_size)
+    for token in tokenizer.encode('{"k":"cd"}', add_special_tokens=False):
+        assert allowed(ahead, tokenizer.vocab_size) == allowed(plain, tokenizer.vocab_size)
+        ahead.accept_token(token)
+        plain.accept_token(token)
+    assert ahead.is_finished and plain.is_finished

@@ -1,0 +1,347 @@
+"""Structured outputs: validity over real-world-style JSON schemas, the cost of masking at a 128k
+vocabulary, and the throughput of a half-constrained batch against a free one, in one run.
+
+1. Validity: every schema of loadtest/data/structured_schemas.json (nesting, enums, bounded
+   arrays, required fields, anyOf/oneOf, $ref, string formats, and some keywords llguidance does
+   not implement) becomes a grammar; unsupported ones are counted with their reasons. The others
+   generate --samples outputs each from the model through the offline API with a grammar mask
+   (temperature 1, seeds 0..samples-1); every output that ends with "stop" is checked with
+   jsonschema (format checks on).
+2. Masking cost: a synthetic byte-level vocabulary of --vocab tokens (256 bytes, the model's own
+   tokens, then letter, digit and JSON-punctuation strings; no model uses it, it only has a
+   realistic size and mix), one matcher per row walking the order/invoice/... schemas with
+   random logits. Per step: filling the packed bitmasks, and the sampler's extra time with the
+   masks applied (one batched unpack and masked_fill), at batch 1 and 64.
+3. Mixed batch: the model's engine kept full at --batch requests for --steps steps, all free vs
+   half constrained by the supported schemas (each finished request replaced by one of its kind).
+   Output tokens per second of each, alternating, medians of --repeats.
+
+    python -m loadtest.structured_validity
+    python -m loadtest.structured_validity --model tiny --samples 4 --batch 32 --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import string
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import torch
+from llguidance import LLTokenizer, TokenizerWrapper
+from tqdm import tqdm
+
+from worker import LLM, SamplingParams
+from worker.engine.engine import Engine
+from worker.engine.request import Request
+from worker.engine.sampler import Sampler
+from worker.structured.matcher import GrammarCompiler, GrammarMatcher, build_tokenizer
+from worker.structured.spec import InvalidStructuredOutputError, build_grammar
+
+SCHEMAS = Path(__file__).parent / "data" / "structured_schemas.json"
+PROMPT = "Return the record as JSON:"
+# Schemas the masking-cost walk cycles through: objects with strings, numbers, arrays, formats.
+WALK_SCHEMAS = ["order", "invoice", "meeting_notes", "event", "github_issue", "recipe"]
+
+
+def load_schemas() -> list[dict[str, Any]]:
+    return json.loads(SCHEMAS.read_text())
+
+
+def grammar_or_reason(schema: Any, compact: bool) -> tuple[str | None, str | None]:
+    try:
+        return build_grammar("json", schema, disable_any_whitespace=compact), None
+    except InvalidStructuredOutputError as e:
+        return None, e.message
+
+
+# -- 1. validity -------------------------------------------------------------------------------
+
+
+def validity(llm: LLM, compiler: GrammarCompiler, schemas: list[dict[str, Any]], samples: int,
+             max_tokens: int, compact: bool) -> dict[str, Any]:
+    unsupported: dict[str, str] = {}
+    jobs: list[tuple[str, Any, GrammarMatcher, int]] = []
+    for entry in schemas:
+        grammar, reason = grammar_or_reason(entry["schema"], compact)
+        if grammar is None:
+            unsupported[entry["name"]] = reason or ""
+            continue
+        jobs += [(entry["name"], entry["schema"], compiler.compile(grammar), seed)
+                 for seed in range(samples)]
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=max_tokens)
+              for *_, seed in jobs]
+    t0 = time.perf_counter()
+    outs = llm.generate([PROMPT] * len(jobs), params, logits_masks=[m for _, _, m, _ in jobs])
+    elapsed = time.perf_counter() - t0
+    stopped = valid = 0
+    invalid: list[dict[str, str]] = []
+    for (name, schema, _, _), out in zip(jobs, outs, strict=True):
+        c = out.outputs[0]
+        if c.finish_reason != "stop":
+            continue
+        stopped += 1
+        try:
+            validator = jsonschema.validators.validator_for(schema)
+            validator(schema, format_checker=validator.FORMAT_CHECKER).validate(
+                json.loads(c.text))
+            valid += 1
+        except (ValueError, jsonschema.ValidationError) as e:
+            invalid.append({"schema": name, "text": c.text[:200], "error": str(e)[:200]})
+    return {"num_schemas": len(schemas), "num_unsupported": len(unsupported),
+            "unsupported_share": len(unsupported) / len(schemas), "unsupported": unsupported,
+            "num_outputs": len(jobs), "num_stopped": stopped,
+            "stopped_share": stopped / max(len(jobs), 1), "num_valid": valid,
+            "valid_share_of_stopped": valid / max(stopped, 1), "invalid": invalid,
+            "generate_s": elapsed}
+
+
+# -- 2. masking cost ---------------------------------------------------------------------------
+
+
+def synthetic_tokenizer(vocab_size: int, base: list[bytes], eos: int = 0) -> LLTokenizer:
+    """A byte-level vocabulary of exactly vocab_size tokens; see the module docstring."""
+    tokens: list[bytes] = [b"<eos>"] + [bytes([i]) for i in range(256)]
+    seen = set(tokens)
+
+    def add(t: bytes) -> None:
+        if t and t not in seen and len(tokens) < vocab_size:
+            seen.add(t)
+            tokens.append(t)
+
+    for t in base:
+        add(t)
+    for t in (b'{"', b'":', b'",', b'"}', b'":"', b'","', b'[{', b'}]', b'},{', b'":[', b'true',
+              b'false', b'null', b'": ', b'", "'):
+        add(t)
+    for n in range(10000):
+        add(str(n).encode())
+    letters = string.ascii_lowercase
+    for k in (2, 3, 4):
+        for combo in itertools.product(letters, repeat=k):
+            word = "".join(combo).encode()
+            for t in (word, b" " + word, word.capitalize(), b'"' + word):
+                add(t)
+            if len(tokens) >= vocab_size:
+                break
+        if len(tokens) >= vocab_size:
+            break
+    by_bytes = {t: i for i, t in enumerate(tokens)}
+    longest = max(len(t) for t in tokens)
+
+    class Greedy:
+        """Longest match: llguidance only tokenizes the grammar's own literals with it."""
+
+        def __init__(self) -> None:
+            self.eos_token_id = eos
+            self.bos_token_id = None
+            self.special_token_ids = [eos]
+            self.tokens = tokens
+
+        def __call__(self, text: bytes) -> list[int]:
+            ids, i = [], 0
+            while i < len(text):
+                for n in range(min(longest, len(text) - i), 0, -1):
+                    tid = by_bytes.get(text[i:i + n])
+                    if tid is not None and tid != eos:
+                        ids.append(tid)
+                        i += n
+                        break
+            return ids
+
+    return LLTokenizer(TokenizerWrapper(Greedy()))
+
+
+def mask_cost(tokenizer: LLTokenizer, schemas: dict[str, Any], batch: int, steps: int
+              ) -> dict[str, float]:
+    vocab = tokenizer.vocab_size
+    compiler = GrammarCompiler(tokenizer, vocab)
+    templates = [compiler.submit(build_grammar("json", schemas[name], disable_any_whitespace=True)
+                                 ).result() for name in WALK_SCHEMAS]
+    # No prefetch: the fill is timed where it happens (on a GPU the service overlaps it with
+    # the model).
+    rows = [GrammarMatcher(templates[i % len(templates)].deep_copy(), vocab)
+            for i in range(batch)]
+    params = SamplingParams.greedy()
+    masked = [Request(f"r{i}", [1], params, max_tokens=1 << 20, logits_mask=m)
+              for i, m in enumerate(rows)]
+    free = [Request(f"f{i}", [1], params, max_tokens=1 << 20) for i in range(batch)]
+    sampler = Sampler(vocab)
+    fill_s: list[float] = []
+    masked_s: list[float] = []
+    free_s: list[float] = []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        logits = torch.randn((batch, vocab), generator=gen)
+        t0 = time.perf_counter()
+        packed = [m.allowed_tokens(vocab) for m in rows]
+        t1 = time.perf_counter()
+        ahead = [r.logits_mask for r in masked]
+        for r, p in zip(masked, packed, strict=True):  # the sampler reuses this step's masks
+            r.logits_mask = _Fixed(p)
+        t2 = time.perf_counter()
+        out = sampler(logits, masked)
+        t3 = time.perf_counter()
+        sampler(logits, free)
+        t4 = time.perf_counter()
+        for r, m in zip(masked, ahead, strict=True):
+            r.logits_mask = m
+        fill_s.append(t1 - t0)
+        masked_s.append(t3 - t2)
+        free_s.append(t4 - t3)
+        for i, (m, token) in enumerate(zip(rows, out.token_ids, strict=True)):
+            if m.is_finished or out.errors[i]:
+                rows[i] = GrammarMatcher(templates[i % len(templates)].deep_copy(), vocab)
+                masked[i].logits_mask = rows[i]
+            else:
+                m.accept_token(token)
+    fill = statistics.median(fill_s) * 1e3
+    apply = max(statistics.median(masked_s) - statistics.median(free_s), 0.0) * 1e3
+    return {"batch": batch, "vocab": vocab, "steps": steps, "fill_ms_per_step": fill,
+            "apply_ms_per_step": apply, "total_ms_per_step": fill + apply,
+            "fill_ms_per_row": fill / batch, "sampler_free_ms_per_step":
+                statistics.median(free_s) * 1e3}
+
+
+class _Fixed:
+    """A mask computed already (so the sampler's part is timed apart from llguidance's)."""
+
+    def __init__(self, packed: torch.Tensor) -> None:
+        self.packed = packed
+
+    def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
+        return self.packed
+
+    def accept_token(self, token_id: int) -> None:
+        pass
+
+
+# -- 3. mixed batch ----------------------------------------------------------------------------
+
+
+def steady_throughput(engine: Engine, compiler: GrammarCompiler, prompt: list[int],
+                      grammars: list[str], batch: int, constrained: int, steps: int,
+                      max_tokens: int) -> float:
+    """Output tokens per second with the engine kept at `batch` requests, `constrained` of them
+    under a grammar; a finished request is replaced by one of its kind."""
+    ids = itertools.count()
+    kinds: dict[str, bool] = {}
+    cycle = itertools.cycle(grammars)
+
+    def add(is_constrained: bool) -> None:
+        rid = f"q{next(ids)}"
+        kinds[rid] = is_constrained
+        mask = compiler.compile(next(cycle)) if is_constrained else None
+        params = SamplingParams(temperature=1.0, max_tokens=max_tokens,
+                                ignore_eos=not is_constrained)
+        engine.add_request(rid, prompt, params, logits_mask=mask)
+
+    for i in range(batch):
+        add(i < constrained)
+    tokens = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for out in engine.step():
+            tokens += len(out.new_token_ids)
+            if out.finished:
+                add(kinds.pop(out.request_id))
+    elapsed = time.perf_counter() - t0
+    engine.abort(list(kinds))
+    return tokens / elapsed
+
+
+def mixed_batch(llm: LLM, compiler: GrammarCompiler, grammars: list[str], batch: int,
+                steps: int, repeats: int, max_tokens: int) -> dict[str, Any]:
+    assert llm.tokenizer is not None
+    prompt = llm.tokenizer.encode(PROMPT)
+    for g in grammars:  # compiled once up front, as the service's cache would hold them
+        compiler.compile(g)
+    run = {"free": 0, "mixed": batch // 2}
+    rates: dict[str, list[float]] = {name: [] for name in run}
+    steady_throughput(llm.engine, compiler, prompt, grammars, batch, batch // 2, 20, max_tokens)
+    for _ in tqdm(range(repeats), desc="mixed batch", unit="round"):
+        for name, constrained in run.items():
+            rates[name].append(steady_throughput(llm.engine, compiler, prompt, grammars, batch,
+                                                 constrained, steps, max_tokens))
+    free, mixed = statistics.median(rates["free"]), statistics.median(rates["mixed"])
+    return {"batch": batch, "constrained": batch // 2, "steps": steps, "repeats": repeats,
+            "free_tokens_per_s": free, "mixed_tokens_per_s": mixed, "ratio": mixed / free,
+            "runs": rates}
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="model for validity and the mixed batch")
+    p.add_argument("--samples", type=int, default=4, help="outputs per supported schema")
+    p.add_argument("--max-tokens", type=int, default=256, help="per validity output")
+    p.add_argument("--flexible-whitespace", action="store_true",
+                   help="let the JSON hold any whitespace (default: none, as a random model "
+                        "would otherwise fill its budget with it)")
+    p.add_argument("--vocab", type=int, default=128256, help="masking-cost vocabulary size")
+    p.add_argument("--mask-steps", type=int, default=100, help="steps per masking-cost batch")
+    p.add_argument("--batch", type=int, default=32, help="mixed-batch size")
+    p.add_argument("--steps", type=int, default=100, help="timed engine steps per mixed run")
+    p.add_argument("--repeats", type=int, default=3, help="mixed runs per side (median)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 keeps timings steady on a shared machine)")
+    p.add_argument("--output-json", default="results/structured_validity.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    schemas = load_schemas()
+    compact = not args.flexible_whitespace
+    llm = LLM(args.model, device="cpu", max_num_seqs=max(args.batch, 64))
+    assert llm.tokenizer is not None
+    eng = llm.engine
+    compiler = GrammarCompiler(build_tokenizer(llm.tokenizer.hf, eng.vocab_size,
+                                               eng.eos_token_ids), eng.vocab_size)
+    report: dict[str, Any] = {"model": args.model, "platform": platform.platform(),
+                              "torch_threads": torch.get_num_threads(),
+                              "compact_whitespace": compact, "argv": sys.argv[1:]}
+
+    report["validity"] = v = validity(llm, compiler, schemas, args.samples, args.max_tokens,
+                                      compact)
+    print(f"validity: {v['num_schemas']} schemas, {v['num_unsupported']} unsupported "
+          f"({v['unsupported_share']:.0%}); {v['num_outputs']} outputs, {v['num_stopped']} "
+          f"ended with stop ({v['stopped_share']:.0%}), {v['num_valid']} of those valid "
+          f"({v['valid_share_of_stopped']:.1%})")
+    for name, reason in v["unsupported"].items():
+        print(f"  unsupported {name}: {reason[:110]}")
+
+    by_name = {e["name"]: e["schema"] for e in schemas}
+    synth = synthetic_tokenizer(args.vocab, [t.encode() for t in llm.tokenizer.hf.get_vocab()])
+    report["mask_cost"] = []
+    for batch in (1, 64):
+        cost = mask_cost(synth, by_name, batch, args.mask_steps)
+        report["mask_cost"].append(cost)
+        print(f"masking at vocab {cost['vocab']}, batch {batch}: fill {cost['fill_ms_per_step']:.2f} "
+              f"ms/step ({cost['fill_ms_per_row']:.3f} ms/row), apply "
+              f"{cost['apply_ms_per_step']:.2f} ms/step, total {cost['total_ms_per_step']:.2f} ms")
+
+    grammars = [g for e in schemas
+                if (g := grammar_or_reason(e["schema"], compact)[0]) is not None]
+    report["mixed"] = m = mixed_batch(llm, compiler, grammars, args.batch, args.steps,
+                                      args.repeats, max_tokens=64)
+    print(f"mixed batch of {m['batch']} ({m['constrained']} constrained): "
+          f"{m['mixed_tokens_per_s']:.0f} tok/s vs {m['free_tokens_per_s']:.0f} free "
+          f"= {m['ratio']:.3f}")
+    out = Path(args.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""The structured-output benchmark runs end to end on a small budget and reports every figure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loadtest.structured_validity import load_schemas, main, synthetic_tokenizer
+
+
+def test_schema_set_is_large_and_varied() -> None:
+    schemas = load_schemas()
+    assert len(schemas) >= 50 and len({s["name"] for s in schemas}) == len(schemas)
+    text = json.dumps(schemas)
+    for keyword in ('"enum"', '"anyOf"', '"maxItems"', '"required"', '"format"', '"$ref"'):
+        assert keyword in text
+
+
+def test_synthetic_tokenizer_has_the_asked_size() -> None:
+    assert synthetic_tokenizer(5000, [b"hello"]).vocab_size == 5000
+
+
+def test_benchmark_reports_validity_mask_cost_and_mixed_batch(tiny_model_dir: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "structured.json"
+    assert main(["--model", str(tiny_model_dir), "--samples", "1", "--max-tokens", "24",
+                 "--vocab", "4096", "--mask-steps", "3", "--batch", "4", "--steps", "3",
+                 "--repeats", "1", "--output-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    v = report["validity"]
+    assert v["num_unsupported"] >= 5 and all(v["unsupported"].values())
+    assert v["num_valid"] == v["num_stopped"]  # every output that ended is valid
+    assert [c["batch"] for c in report["mask_cost"]] == [1, 64]
+    assert report["mixed"]["ratio"] > 0
