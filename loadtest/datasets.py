@@ -224,7 +224,10 @@ def _corpus_ids(tok: TextTokenizer) -> list[int]:
         text = CORPUS_PATH.read_text(encoding="utf-8")
     except OSError as exc:
         raise DatasetError(f"cannot read the bundled corpus {CORPUS_PATH}: {exc}") from exc
-    return tok.encode(text, add_special_tokens=False)
+    # Paragraph by paragraph: one encode of the whole file would trip tokenizers' warning about
+    # sequences longer than the model's context.
+    return [i for para in text.split("\n\n") if para.strip()
+            for i in tok.encode(para + "\n\n", add_special_tokens=False)]
 
 
 def _sharegpt_synthetic(cfg: DatasetConfig, tok: TextTokenizer, rng: np.random.Generator

@@ -128,7 +128,8 @@ def write_plots(report: dict[str, Any], stem: Path) -> list[Path]:
     paths.append(_plot_latency_vs_rate(runs, STREAM_VS_RATE if mode == "stream" else JOB_VS_RATE,
                                        report["percentile_keys"],
                                        stem.with_name(stem.name + "_latency_vs_rate.png")))
-    paths.append(_plot_in_flight(runs, stem.with_name(stem.name + "_in_flight.png")))
+    paths.append(_plot_in_flight(runs, report["config"].get("burst_profile"),
+                                 stem.with_name(stem.name + "_in_flight.png")))
     return paths
 
 
@@ -192,8 +193,9 @@ def _plot_throughput(runs: list[dict[str, Any]], path: Path) -> Path:
     xs = _rate_axis(left, runs)
     left.plot(xs, [r["request_throughput"] for r in runs], "o-", label="completed")
     if any(r.get("request_goodput") is not None for r in runs):
+        slos = ", ".join(f"{k.upper()} <= {v:g} ms" for k, v in runs[0]["goodput_slos_ms"].items())
         left.plot(xs, [r.get("request_goodput") or 0.0 for r in runs], "s--",
-                  label="goodput (met every SLO)")
+                  label=f"goodput ({slos})")
     left.set_ylabel("request throughput (req/s)")
     left.set_title("Request throughput vs offered rate")
     left.set_ylim(bottom=0)
@@ -228,7 +230,8 @@ def _plot_latency_vs_rate(runs: list[dict[str, Any]], metrics: tuple[tuple[str, 
     return _save(fig, path)
 
 
-def _plot_in_flight(runs: list[dict[str, Any]], path: Path) -> Path:
+def _plot_in_flight(runs: list[dict[str, Any]], burst: dict[str, float] | None, path: Path
+                    ) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -246,6 +249,11 @@ def _plot_in_flight(runs: list[dict[str, Any]], path: Path) -> Path:
             xs.append(t)
             ys.append(level)
         ax.plot(xs, ys, label=_legend(run))
+    if burst:
+        spike_end = burst["idle_before_s"] + burst["spike_s"]
+        ax.axvspan(burst["idle_before_s"], spike_end, color="tab:orange", alpha=0.12,
+                   label="spike window (arrivals)")
+        ax.set_xlim(0, max(ax.get_xlim()[1], spike_end + burst["idle_after_s"]))
     ax.set_xlabel("time since the run started (s)")
     ax.set_ylabel("requests in flight")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))

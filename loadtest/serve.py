@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import datetime as dt
 import importlib.metadata
+import logging
 import math
 import os
 import platform
@@ -312,6 +313,8 @@ def run_cli(args: argparse.Namespace, prog: str, command: str) -> int:
     """Runs the benchmark, turning a bad option or an unreachable server into one line."""
     from worker.engine.errors import ModelLoadError
 
+    # httpx logs every request at INFO: thousands of lines that would bury the summary.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return run(args, command)
     except (BenchError, DatasetError, ArrivalError, MetricsError, ModelLoadError) as exc:
