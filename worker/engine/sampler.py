@@ -225,19 +225,16 @@ class Sampler:
         if not rows:
             return None
         allowed_all = self._stack_masks(allowed_rows, logits.device)  # [n_mask, vocab] bool
-        # Each pass over [n, vocab] counts at a large vocabulary: no gather when every row is
-        # masked, and one `where` rather than a negation and a fill.
+        # logits is the sampler's own copy here (a mask counts as an edit), so it is filled in
+        # place: each pass over [n, vocab] counts at a large vocabulary.
         index = None if len(rows) == len(requests) else self._tensor(rows, torch.long, logits)
-        before = logits if index is None else logits.index_select(0, index)  # [n_mask, vocab]
-        restricted = torch.where(allowed_all, before, _NEG_INF)
-        # A row with no finite logit left would turn into NaN probabilities; keep it unrestricted
-        # (its token is discarded with the error) rather than ask the host to look now.
-        dead = torch.isneginf(restricted.amax(dim=-1))  # [n_mask]
-        restricted = torch.where(dead[:, None], before, restricted)
-        if index is None:
-            logits.copy_(restricted)
-        else:
-            logits.index_copy_(0, index, restricted)
+        sub = logits if index is None else logits.index_select(0, index)  # [n_mask, vocab]
+        sub.masked_fill_(~allowed_all, _NEG_INF)
+        if index is not None:
+            logits.index_copy_(0, index, sub)
+        # A row with no finite logit left samples a meaningless token (NaN probabilities in that
+        # row alone); it is discarded with the error these flags raise after the one transfer.
+        dead = torch.isneginf(sub.amax(dim=-1))  # [n_mask]
         return _MaskState(rows, empty=~allowed_all.any(dim=-1), dead=dead)
 
     def _stack_masks(self, masks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
