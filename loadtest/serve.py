@@ -268,8 +268,8 @@ def run(args: argparse.Namespace, command: str) -> int:
         summaries.append(rpt.summary_text(result, args.mode, pkeys))
         print(summaries[-1], flush=True)
     if len(runs) > 1:
-        summaries.append(rpt.sweep_table(runs, args.mode))
-        print(summaries[-1], flush=True)
+        summaries.insert(0, rpt.sweep_table(runs, args.mode))  # first in the HTML page
+        print(summaries[0], flush=True)
     if args.save_result:
         _save(args, command, model, base_url, endpoint, sizes, runs, summaries, pkeys)
     return 0 if any(r["completed"] for r in runs) else 1
@@ -309,10 +309,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m loadtest.serve") 
     return run_cli(args, prog, f"{prog} {shlex.join(argv)}")
 
 
+def redact(command: str) -> str:
+    """The command line with the API key's value replaced, fit for reports that get shared."""
+    words = shlex.split(command)
+    for i, word in enumerate(words):
+        if word == "--api-key" and i + 1 < len(words):
+            words[i + 1] = "REDACTED"
+        elif word.startswith("--api-key="):
+            words[i] = "--api-key=REDACTED"
+    return shlex.join(words)
+
+
 def run_cli(args: argparse.Namespace, prog: str, command: str) -> int:
     """Runs the benchmark, turning a bad option or an unreachable server into one line."""
     from worker.engine.errors import ModelLoadError
 
+    command = redact(command)
     # httpx logs every request at INFO: thousands of lines that would bury the summary.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

@@ -81,6 +81,8 @@ def test_streaming_sweep_writes_reports_that_agree_with_the_service(up: Up, tmp_
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert report["model"] == "tiny"  # asked of /v1/models: no --model given
     assert report["config"]["num_prompts"] == 20 and "api_key" not in report["config"]
+    assert API_KEY not in (tmp_path / "smoke.json").read_text()
+    assert "--api-key REDACTED" in report["command"]
     assert report["versions"]["httpx"] and report["dataset"]["total_input_tokens"] == 20 * 32
     assert [r["request_rate"] for r in report["runs"]] == [40.0, "inf"]
     for run in report["runs"]:
@@ -96,6 +98,7 @@ def test_streaming_sweep_writes_reports_that_agree_with_the_service(up: Up, tmp_
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
     page = (tmp_path / "smoke.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "Time to First Token" in page
+    assert API_KEY not in page
 
     # The official client sees the same model and reply length the benchmark recorded.
     client = openai.OpenAI(base_url=f"{up.base_url}/v1", api_key=API_KEY, max_retries=0)
