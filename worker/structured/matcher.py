@@ -20,7 +20,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance.hf
-import llguidance.torch
 import torch
 from llguidance import LLMatcher, LLTokenizer
 
@@ -44,7 +43,9 @@ class GrammarMatcher:
     def __init__(self, matcher: LLMatcher, vocab_size: int, *, prefetch: bool = False) -> None:
         self._matcher = matcher
         # Host memory: llguidance writes into it through a raw pointer.
-        self._bitmask = torch.empty((1, (vocab_size + 31) // 32), dtype=torch.int32)
+        self._bitmask = torch.empty((vocab_size + 31) // 32, dtype=torch.int32)
+        self._bitmask_ptr = self._bitmask.data_ptr()
+        self._bitmask_bytes = self._bitmask.numel() * 4
         self._prefetch = prefetch
         self._next: Future[None] | None = None
         self._fresh = False  # the bitmask is that of the matcher's current state
@@ -58,13 +59,13 @@ class GrammarMatcher:
 
     def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
         """[ceil(vocab_size / 32)] int32, the packed mask of the next token."""
-        if self._bitmask.shape[1] != (vocab_size + 31) // 32:
+        if self._bitmask.shape[0] != (vocab_size + 31) // 32:
             raise GrammarError(f"matcher built for another vocabulary than {vocab_size}")
         self._wait()
         if not self._fresh:
             self._fill()
         self._raise_on_error()
-        return self._bitmask[0]
+        return self._bitmask
 
     def accept_token(self, token_id: int) -> None:
         self._wait()  # an accepted token must not race a fill of the old state
@@ -84,7 +85,9 @@ class GrammarMatcher:
         return self.matcher.is_stopped()
 
     def _fill(self) -> None:
-        llguidance.torch.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        # What llguidance.torch.fill_next_token_bitmask does, without its per-call checks:
+        # the buffer is ours, contiguous int32 host memory of the right size.
+        self._matcher.unsafe_compute_mask_ptr(self._bitmask_ptr, self._bitmask_bytes)
         self._fresh = True
 
     def _schedule_fill(self) -> None:
