@@ -4,7 +4,8 @@ Plain httpx with the SSE parsed here: the `openai` SDK costs too much CPU per ch
 hundreds of streams from one process. The timing follows `vllm bench serve`: TTFT is the first
 chunk that carries choices, every later such chunk adds an inter-token gap, and the latency ends
 at the last chunk. The output token count is the server's `usage.completion_tokens` (asked for
-with `stream_options.include_usage`) or, when a server sends no usage, the number of chunks.
+with `stream_options.include_usage`) or, when a server sends no usage, the number of chunks that
+carry text.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class RequestOutput:
     itl_s: list[float] = field(default_factory=list)
     chunk_times_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
+    text_chunks: int = 0  # chunks that carried text: the token count when no usage comes
     usage_reported: bool = False
     generated_text: str = ""
     error: str = ""  # a short reason class, e.g. "http_429", "timeout"; "" on success
@@ -131,6 +133,7 @@ class _Timeline:
             out.itl_s.append(now - self.last)
         out.chunk_times_s.append(now - self.t_start)
         out.generated_text += text
+        out.text_chunks += bool(text)
         self.last = now
 
 
@@ -195,4 +198,6 @@ def finish(out: RequestOutput, latency_s: float) -> None:
     out.success = not out.error
     out.latency_s = latency_s if out.chunk_times_s else 0.0
     if not out.usage_reported:
-        out.output_tokens = len(out.chunk_times_s)
+        # A chat stream's first chunk may carry only the role; it is timed (as vLLM times it)
+        # but is no token.
+        out.output_tokens = out.text_chunks

@@ -121,6 +121,18 @@ def test_chat_jobs_and_failures_are_reported(up: Up, tmp_path: Path,
     assert (run["completed"], run["failed"]) == (4, 0) and run["total_output_tokens"] == 16
     assert 0 < run["median_submit_ms"] <= run["median_turnaround_ms"]
 
+    # Streamed chat with shared prefixes.
+    assert serve.main([*common, "--api-key", API_KEY, "--backend", "openai-chat",
+                       "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len",
+                       "32", "--prefix-repetition-suffix-len", "8",
+                       "--prefix-repetition-num-prefixes", "2", "--prefix-repetition-output-len",
+                       "4", "--num-prompts", "4", "--save-result", "--no-plots",
+                       "--result-filename", "chat.json"]) == 0
+    run = json.loads((tmp_path / "chat.json").read_text())["runs"][0]
+    assert (run["completed"], run["total_output_tokens"]) == (4, 16)
+    # Each stream opens with a role-only chunk, timed as vLLM times it: 4 gaps per request.
+    assert len(run["itls"]) == 16
+
     # A wrong key: every request fails with the server's status, counted by reason.
     capsys.readouterr()
     assert serve.main([*common, "--api-key", "bad", "--num-prompts", "3", "--random-input-len",

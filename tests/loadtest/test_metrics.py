@@ -139,6 +139,8 @@ def test_stream_errors_and_chat_chunks() -> None:
                    timeline, 0.2)
     handle_payload(json.dumps({"choices": [{"delta": {"content": "hi"}}]}), "chat", timeline, 0.3)
     assert out.generated_text == "hi" and out.ttft_s == pytest.approx(0.2)
+    finish(out, 0.3)
+    assert out.output_tokens == 1  # no usage: the role-only chunk is timed but is no token
     with pytest.raises(StreamError) as exc:
         handle_payload(json.dumps({"error": {"type": "timeout_error", "message": "late"}}),
                        "chat", timeline, 0.4)
