@@ -31,8 +31,9 @@ def rate_label(rate: float) -> str:
 # -- terminal -------------------------------------------------------------------------------
 
 
-def summary_text(run: dict[str, Any], mode: str, percentiles: list[str]) -> str:
-    """vLLM's result block for one run."""
+def summary_text(run: dict[str, Any], mode: str, percentiles: list[str],
+                 shown: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")) -> str:
+    """vLLM's result block for one run; `shown` picks the streamed latencies it lists."""
     rows: list[tuple[str, Any]] = [
         ("Request rate (req/s)", rate_label(run["request_rate"])),
         ("Successful requests", run["completed"]), ("Failed requests", run["failed"]),
@@ -56,6 +57,8 @@ def summary_text(run: dict[str, Any], mode: str, percentiles: list[str]) -> str:
                [("submit", "Job Submit", "submit"), ("turnaround", "Job Turnaround",
                 "turnaround"), ("queue_time", "Job Queue Time", "queue")])
     for key, title, short in metrics:
+        if mode == "stream" and key not in shown:
+            continue
         lines.append(title.center(LINE, "-"))
         lines.append(_row(f"Mean {short} (ms)", run[f"mean_{key}_ms"]))
         lines.append(_row(f"Median {short} (ms)", run[f"median_{key}_ms"]))

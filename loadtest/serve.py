@@ -44,6 +44,7 @@ from loadtest.datasets import (
     sample_requests,
 )
 from loadtest.metrics import (
+    METRICS,
     MetricsError,
     calculate_job_metrics,
     calculate_metrics,
@@ -92,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--poll-interval", type=float, default=0.25,
                    help="jobs mode: seconds between polls of each job")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per HTTP request")
+    g.add_argument("--num-warmups", type=int, default=0,
+                   help="send the first N prompts once, untimed, before measuring (a cold "
+                        "server's first requests are slow)")
 
     g = p.add_argument_group("dataset (made locally; no downloads)")
     g.add_argument("--num-prompts", type=int, default=1000)
@@ -122,6 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("metrics and results")
     g.add_argument("--metric-percentiles", type=_typed(parse_percentiles), default=[50.0, 90.0, 99.0],
                    metavar="LIST", help="percentiles to report (default 50,90,99)")
+    g.add_argument("--percentile-metrics", type=_typed(parse_metric_names),
+                   default=("ttft", "tpot", "itl", "e2el"), metavar="LIST",
+                   help="latencies in the terminal summary (default ttft,tpot,itl,e2el); the "
+                        "JSON always has all four")
     g.add_argument("--goodput", nargs="+", metavar="NAME:MS",
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 (names ttft, tpot, e2el)")
     g.add_argument("--save-result", action="store_true",
@@ -145,6 +153,16 @@ def _typed(parse: Any) -> Any:
             raise argparse.ArgumentTypeError(str(exc)) from None
     convert.__name__ = parse.__name__
     return convert
+
+
+def parse_metric_names(text: str) -> tuple[str, ...]:
+    """'ttft,tpot' -> ('ttft', 'tpot'), checked against the metrics there are."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        raise ValueError(f"unknown metric {', '.join(bad) or repr(text)}; choose from "
+                         f"{', '.join(METRICS)}")
+    return names
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -261,11 +279,16 @@ def run(args: argparse.Namespace, command: str) -> int:
                     temperature=args.temperature, include_usage=args.include_usage,
                     extra_body=args.extra_body)
     pkeys = [percentile_key(p) for p in percentiles]
+    if args.num_warmups > 0:
+        warm = samples[:args.num_warmups]
+        print(f"warming up with {len(warm)} requests", flush=True)
+        asyncio.run(run_streaming(warm, api, [0.0] * len(warm), args.max_concurrency,
+                                  args.timeout, disable_progress=True))
     runs, summaries = [], []
     for rate in args.request_rate:
         result = run_one(args, api, samples, rate, percentiles, slos)
         runs.append(result)
-        summaries.append(rpt.summary_text(result, args.mode, pkeys))
+        summaries.append(rpt.summary_text(result, args.mode, pkeys, args.percentile_metrics))
         print(summaries[-1], flush=True)
     if len(runs) > 1:
         summaries.insert(0, rpt.sweep_table(runs, args.mode))  # first in the HTML page
