@@ -75,9 +75,11 @@ def test_streaming_sweep_writes_reports_that_agree_with_the_service(up: Up, tmp_
                                                                     ) -> None:
     proc = bench(up, tmp_path, "--dataset-name", "random", "--random-input-len", "32",
                  "--random-output-len", "8", "--num-prompts", "20", "--request-rate", "40,inf",
-                 "--goodput", "ttft:60000", "--result-filename", "smoke.json")
+                 "--goodput", "ttft:60000", "--result-filename", "smoke.json",
+                 "--num-warmups", "2", "--percentile-metrics", "ttft,tpot")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Serving Benchmark Result" in proc.stdout and "Mean TTFT (ms)" in proc.stdout
+    assert "warming up with 2 requests" in proc.stdout and "Mean ITL" not in proc.stdout
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert report["model"] == "tiny"  # asked of /v1/models: no --model given
     assert report["config"]["num_prompts"] == 20 and "api_key" not in report["config"]
