@@ -51,6 +51,7 @@ from loadtest.metrics import (
     parse_goodput,
     parse_percentiles,
     percentile_key,
+    tpot_s,
 )
 from loadtest.runner import run_jobs, run_streaming
 
@@ -246,8 +247,7 @@ def run_one(args: argparse.Namespace, api: ApiConfig, samples: list[Any], rate: 
         run = calculate_metrics(outs, duration, percentiles, slos).as_dict()
         run.update(start_times=[o.start_s for o in outs],
                    ttfts=[o.ttft_s if o.success else None for o in outs],
-                   tpots=[(o.latency_s - o.ttft_s) / (o.output_tokens - 1)
-                          if o.success and o.output_tokens > 1 else None for o in outs],
+                   tpots=[tpot_s(o) if o.success else None for o in outs],
                    itls=[g for o in outs if o.success for g in o.itl_s],
                    e2els=[o.latency_s if o.success else None for o in outs],
                    output_lens=[o.output_tokens for o in outs],
