@@ -168,18 +168,19 @@ def test_burst_on_an_idle_fleet_scales_from_zero_and_back(env: Env) -> None:
 
 @pytest.mark.slow
 def test_a_worker_drained_with_requests_in_flight_finishes_them(env: Env) -> None:
-    # At most 2 running and 1 waiting per worker, so 4 requests keep both workers busy.
+    # At most 1 running and 1 waiting per worker, so 4 requests go 2 and 2 and keep both busy
+    # long enough (2 x 250 tokens each) for the drain to find them at work.
     config = PolicyConfig(min_workers=2, max_workers=2, target_per_worker=4,
                           stabilization_s=1.0, idle_timeout_s=60.0)
     with scaler(env, config, extra_env={"SLUICE_MAX_WAITING": "1"},
-                worker_args=("--max-num-seqs", "2")) as s:
+                worker_args=("--max-num-seqs", "1")) as s:
         s.wait(lambda: bool(s.steps) and s.steps[-1][0].obs.num_ready == 2, 60,
                "two ready workers")
         results: list[tuple[str | None, int]] = []
 
         def stream(i: int) -> None:
             chunks = env.client().completions.create(
-                model="tiny", prompt=f"Long request {i}", max_tokens=300, temperature=0,
+                model="tiny", prompt=f"Long request {i}", max_tokens=250, temperature=0,
                 stream=True, extra_body={"ignore_eos": True})
             texts, reason = 0, None
             for chunk in chunks:
