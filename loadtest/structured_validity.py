@@ -10,11 +10,16 @@ vocabulary, and the throughput of a half-constrained batch against a free one, i
 2. Masking cost: a synthetic byte-level vocabulary of --vocab tokens (256 bytes, the model's own
    tokens, then letter, digit and JSON-punctuation strings; no model uses it, it only has a
    realistic size and mix), one matcher per row walking the order/invoice/... schemas with
-   random logits. Per step: filling the packed bitmasks, and the sampler's extra time with the
-   masks applied (one batched unpack and masked_fill), at batch 1 and 64.
-3. Mixed batch: the model's engine kept full at --batch requests for --steps steps, all free vs
-   half constrained by the supported schemas (each finished request replaced by one of its kind).
-   Output tokens per second of each, alternating, medians of --repeats.
+   random logits. Per step, in CPU time of the stepping thread: filling the packed bitmasks, and
+   the sampler's extra time with the masks applied (one batched unpack and in-place fill, against
+   the same greedy sampler without masks), at batch 1 and 64.
+3. Mixed batch: the model's engine kept full at --batch requests for --steps steps, half of
+   them under the supported schemas' grammars, against an all-free batch (every row --max-len
+   tokens) and against a "stand-in" batch whose rows in place of the constrained ones are free
+   with the lengths the constrained outputs had (the same work but the masking); each finished
+   request is replaced by one of its kind.
+   Output tokens per second of wall time and of the process's CPU time (steadier on a shared
+   machine), the two sides alternating; the ratio is the median of the per-round ratios.
 
     python -m loadtest.structured_validity
     python -m loadtest.structured_validity --model tiny --samples 4 --batch 32 --steps 200
@@ -178,19 +183,20 @@ def mask_cost(tokenizer: LLTokenizer, schemas: dict[str, Any], batch: int, steps
     masked_s: list[float] = []
     free_s: list[float] = []
     gen = torch.Generator().manual_seed(0)
+    clock = time.thread_time  # this thread's CPU time: other processes' load does not count
     for _ in range(steps):
         logits = torch.randn((batch, vocab), generator=gen)
-        t0 = time.perf_counter()
+        t0 = clock()
         packed = [m.allowed_tokens(vocab) for m in rows]
-        t1 = time.perf_counter()
+        t1 = clock()
         ahead = [r.logits_mask for r in masked]
         for r, p in zip(masked, packed, strict=True):  # the sampler reuses this step's masks
             r.logits_mask = _Fixed(p)
-        t2 = time.perf_counter()
+        t2 = clock()
         out = sampler(logits, masked)
-        t3 = time.perf_counter()
+        t3 = clock()
         sampler(logits, free)
-        t4 = time.perf_counter()
+        t4 = clock()
         for r, m in zip(masked, ahead, strict=True):
             r.logits_mask = m
         fill_s.append(t1 - t0)
@@ -227,34 +233,46 @@ class _Fixed:
 
 
 def steady_throughput(engine: Engine, compiler: GrammarCompiler, prompt: list[int],
-                      grammars: list[str], batch: int, constrained: int, steps: int,
-                      max_tokens: int) -> float:
-    """Output tokens per second with the engine kept at `batch` requests, `constrained` of them
-    under a grammar; a finished request is replaced by one of its kind."""
-    ids = itertools.count()
-    kinds: dict[str, bool] = {}
-    cycle = itertools.cycle(grammars)
+                      grammars: list[str], batch: int, steps: int, max_tokens: int,
+                      half: str, lengths: list[int]) -> tuple[float, float]:
+    """Output tokens per second of wall time and per second of this process's CPU time, with
+    the engine kept at `batch` requests and every finished request replaced by one of its kind.
 
-    def add(is_constrained: bool) -> None:
+    Half the rows are free (max_tokens, EOS ignored); the other half are `half`: "grammar"
+    (under the grammars in turn; their output lengths are appended to `lengths`), "free" (like
+    the first half), or "stand-in" (free, with the lengths grammar rows had, so the batch does
+    the same work minus the masking).
+    """
+    ids = itertools.count()
+    kinds: dict[str, str] = {}
+    cycle = itertools.cycle(grammars)
+    stand_in = itertools.cycle(lengths or [max_tokens])
+    produced: dict[str, int] = {}
+
+    def add(kind: str) -> None:
         rid = f"q{next(ids)}"
-        kinds[rid] = is_constrained
-        mask = compiler.compile(next(cycle)) if is_constrained else None
-        params = SamplingParams(temperature=1.0, max_tokens=max_tokens,
-                                ignore_eos=not is_constrained)
+        kinds[rid] = kind
+        mask = compiler.compile(next(cycle)) if kind == "grammar" else None
+        limit = next(stand_in) if kind == "stand-in" else max_tokens
+        params = SamplingParams(temperature=1.0, max_tokens=limit, ignore_eos=kind != "grammar")
         engine.add_request(rid, prompt, params, logits_mask=mask)
 
     for i in range(batch):
-        add(i < constrained)
+        add(half if i < batch // 2 else "free")
     tokens = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         for out in engine.step():
             tokens += len(out.new_token_ids)
+            produced[out.request_id] = produced.get(out.request_id, 0) + len(out.new_token_ids)
             if out.finished:
-                add(kinds.pop(out.request_id))
-    elapsed = time.perf_counter() - t0
+                kind = kinds.pop(out.request_id)
+                if kind == "grammar":
+                    lengths.append(produced[out.request_id])
+                add(kind)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     engine.abort(list(kinds))
-    return tokens / elapsed
+    return tokens / wall, tokens / cpu
 
 
 def mixed_batch(llm: LLM, compiler: GrammarCompiler, grammars: list[str], batch: int,
@@ -263,17 +281,33 @@ def mixed_batch(llm: LLM, compiler: GrammarCompiler, grammars: list[str], batch:
     prompt = llm.tokenizer.encode(PROMPT)
     for g in grammars:  # compiled once up front, as the service's cache would hold them
         compiler.compile(g)
-    run = {"free": 0, "mixed": batch // 2}
-    rates: dict[str, list[float]] = {name: [] for name in run}
-    steady_throughput(llm.engine, compiler, prompt, grammars, batch, batch // 2, 20, max_tokens)
+    lengths: list[int] = []
+    sides = ("grammar", "free", "stand-in")
+    wall: dict[str, list[float]] = {side: [] for side in sides}
+    cpu: dict[str, list[float]] = {side: [] for side in sides}
+    steady_throughput(llm.engine, compiler, prompt, grammars, batch, 40, max_tokens, "grammar",
+                      lengths)
     for _ in tqdm(range(repeats), desc="mixed batch", unit="round"):
-        for name, constrained in run.items():
-            rates[name].append(steady_throughput(llm.engine, compiler, prompt, grammars, batch,
-                                                 constrained, steps, max_tokens))
-    free, mixed = statistics.median(rates["free"]), statistics.median(rates["mixed"])
-    return {"batch": batch, "constrained": batch // 2, "steps": steps, "repeats": repeats,
-            "free_tokens_per_s": free, "mixed_tokens_per_s": mixed, "ratio": mixed / free,
-            "runs": rates}
+        for side in sides:
+            w, c = steady_throughput(llm.engine, compiler, prompt, grammars, batch, steps,
+                                     max_tokens, side, lengths)
+            wall[side].append(w)
+            cpu[side].append(c)
+
+    def ratios(rates: dict[str, list[float]], base: str) -> list[float]:
+        # Within each round: the sides of a round ran back to back under the same load.
+        return [m / f for m, f in zip(rates["grammar"], rates[base], strict=True)]
+
+    out: dict[str, Any] = {"batch": batch, "constrained": batch // 2, "steps": steps,
+                           "repeats": repeats, "max_tokens": max_tokens,
+                           "mean_constrained_len": statistics.mean(lengths or [0]), "wall": wall,
+                           "cpu": cpu}
+    for base in ("free", "stand-in"):
+        for clock, rates in (("wall", wall), ("cpu", cpu)):
+            r = ratios(rates, base)
+            out[f"{clock}_ratio_vs_{base}"] = statistics.median(r)
+            out[f"{clock}_ratios_vs_{base}"] = r
+    return out
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -292,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-steps", type=int, default=100, help="steps per masking-cost batch")
     p.add_argument("--batch", type=int, default=32, help="mixed-batch size")
     p.add_argument("--steps", type=int, default=100, help="timed engine steps per mixed run")
+    p.add_argument("--max-len", type=int, default=64, help="output tokens of a free mixed row")
     p.add_argument("--repeats", type=int, default=3, help="mixed runs per side (median)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 keeps timings steady on a shared machine)")
@@ -332,10 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     grammars = [g for e in schemas
                 if (g := grammar_or_reason(e["schema"], compact)[0]) is not None]
     report["mixed"] = m = mixed_batch(llm, compiler, grammars, args.batch, args.steps,
-                                      args.repeats, max_tokens=64)
-    print(f"mixed batch of {m['batch']} ({m['constrained']} constrained): "
-          f"{m['mixed_tokens_per_s']:.0f} tok/s vs {m['free_tokens_per_s']:.0f} free "
-          f"= {m['ratio']:.3f}")
+                                      args.repeats, max_tokens=args.max_len)
+    print(f"mixed batch of {m['batch']} ({m['constrained']} under a grammar, mean output "
+          f"{m['mean_constrained_len']:.0f} tokens; free rows {m['max_tokens']}):")
+    for base in ("free", "stand-in"):
+        for clock in ("wall", "cpu"):
+            r = m[f"{clock}_ratios_vs_{base}"]
+            print(f"  vs {base:8} {clock:4}: {statistics.median(m[clock]['grammar']):6.0f} vs "
+                  f"{statistics.median(m[clock][base]):6.0f} tok/s, ratio "
+                  f"{m[f'{clock}_ratio_vs_{base}']:.3f} (rounds {min(r):.2f}..{max(r):.2f})")
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -31,4 +31,4 @@ def test_benchmark_reports_validity_mask_cost_and_mixed_batch(tiny_model_dir: Pa
     assert v["num_unsupported"] >= 5 and all(v["unsupported"].values())
     assert v["num_valid"] == v["num_stopped"]  # every output that ended is valid
     assert [c["batch"] for c in report["mask_cost"]] == [1, 64]
-    assert report["mixed"]["ratio"] > 0
+    assert report["mixed"]["cpu_ratio_vs_stand-in"] > 0 and report["mixed"]["wall_ratio_vs_free"] > 0
