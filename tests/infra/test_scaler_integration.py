@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -23,7 +22,7 @@ from infra.scaler.local import LocalBackend
 from infra.scaler.loop import ScalerLoop
 from infra.scaler.observe import Snapshot
 from infra.scaler.policy import Decision, PolicyConfig, Reason
-from shared.redis_server import RedisServer, free_port
+from shared.redis_server import RedisServer
 
 API_KEY = "sk-scaler-test"
 FAST_HEARTBEATS = {"SLUICE_HEARTBEAT_S": "0.2", "SLUICE_HEARTBEAT_TTL_S": "2"}
@@ -70,28 +69,14 @@ class Scaler:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+        gateway_process: Callable[..., Any]) -> Iterator[Env]:
     data = tmp_path_factory.mktemp("scaler")
     server = RedisServer(data_dir=data / "redis", appendonly=False).start()
-    port = free_port()
-    genv = {**os.environ, "SLUICE_REDIS_URL": server.url, "SLUICE_API_KEYS": API_KEY}
-    with (data / "gateway.log").open("wb") as log:
-        gateway = subprocess.Popen([sys.executable, "-m", "infra.cli", "gateway", "--port",
-                                    str(port)], env=genv, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            pytest.fail("gateway did not start: " + (data / "gateway.log").read_text())
-        yield Env(f"http://127.0.0.1:{port}", server.url, tiny_model_dir, data / "workers")
+        with gateway_process(server.url, API_KEY, data / "gateway.log") as url:
+            yield Env(url, server.url, tiny_model_dir, data / "workers")
     finally:
-        gateway.terminate()
-        gateway.wait(timeout=30)
         server.stop()
 
 

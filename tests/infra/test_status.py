@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any
 
-import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -78,28 +77,8 @@ def test_status_json_from_redis(fleet: str) -> None:
     assert "w-gone" not in table.stdout
 
 
-@contextlib.contextmanager
-def _gateway(redis_url: str) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "SLUICE_REDIS_URL": redis_url, "SLUICE_API_KEYS": API_KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "gateway", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def test_status_json_through_a_gateway(fleet: str) -> None:
-    with _gateway(fleet) as url:
+def test_status_json_through_a_gateway(fleet: str, gateway_process: Callable[..., Any]) -> None:
+    with gateway_process(fleet, API_KEY) as url:
         proc = _sluice("status", "--url", url, "--json")
         assert proc.returncode == 0, proc.stderr
         _check(json.loads(proc.stdout))
