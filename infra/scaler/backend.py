@@ -24,7 +24,8 @@ class Backend(Protocol):
         ...
 
     def remove(self, worker_ids: list[str]) -> None:
-        """Remove these workers, which have already drained (state "drained" or gone).
+        """Remove these workers, which have already drained (state "drained" or gone), or
+        which did not finish draining within the scaler's drain timeout.
 
         A backend that cannot pick which replica goes (a Deployment) must make these the ones
         that go, e.g. with the pod-deletion-cost annotation, before lowering the count.
