@@ -132,8 +132,10 @@ def recommend(config: PolicyConfig, obs: Observation) -> tuple[int, Reason]:
     by_queue = math.ceil(obs.backlog / config.target_per_worker)
     ready = [w for w in obs.workers if w.state == "ready"]
     kv_full = bool(ready) and sum(w.kv_usage for w in ready) / len(ready) >= config.kv_high
-    if kv_full and obs.lag > 0 and obs.num_active + 1 > by_queue:
-        return obs.num_active + 1, Reason.KV_PRESSURE
+    # One more than the ready workers, not the active ones: a worker still starting is the
+    # answer to the pressure already, and must not call for another one every step.
+    if kv_full and obs.lag > 0 and obs.num_ready + 1 > by_queue:
+        return obs.num_ready + 1, Reason.KV_PRESSURE
     if obs.num_active == 0 and by_queue > 0:
         return by_queue, Reason.FROM_ZERO
     return by_queue, Reason.QUEUE

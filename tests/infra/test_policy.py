@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -112,8 +113,12 @@ def test_kv_pressure_adds_a_worker_when_work_waits() -> None:
     assert d.desired == 3
     obs = Observation(now=1, replicas=2, queue_depth=6, lag=1, pending=5,
                       workers=ready(2, kv=0.95))
-    d, _ = decide(CONFIG, Memory(), obs)
+    d, memory = decide(CONFIG, Memory(), obs)
     assert (d.desired, d.reason) == (3, Reason.KV_PRESSURE)
+    # While the third worker starts (no heartbeat yet), the same pressure asks for no fourth.
+    for t in range(2, 10):
+        d, memory = decide(CONFIG, memory, replace(obs, now=t, replicas=3))
+        assert (d.current, d.desired) == (3, 3)
 
 
 def test_draining_workers_do_not_count_toward_the_fleet() -> None:
