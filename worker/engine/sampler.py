@@ -224,33 +224,39 @@ class Sampler:
             allowed_rows.append(allowed)
         if not rows:
             return None
-        allowed_all = self._stack_masks(allowed_rows, logits.device)  # [n_mask, vocab] bool
-        # logits is the sampler's own copy here (a mask counts as an edit), so it is filled in
-        # place: each pass over [n, vocab] counts at a large vocabulary.
+        # bias: [n_mask, vocab] float32, 0 where allowed and -inf elsewhere; empty: [n_mask]
+        bias, empty = self._mask_bias(allowed_rows, logits.device)
+        # logits is the sampler's own copy here (a mask counts as an edit), so it is edited in
+        # place: each pass over [n, vocab] counts at a large vocabulary. Adding the bias is one
+        # fused pass, cheaper than filling through a bool mask (logits are finite: no inf - inf).
         index = None if len(rows) == len(requests) else self._tensor(rows, torch.long, logits)
         sub = logits if index is None else logits.index_select(0, index)  # [n_mask, vocab]
-        sub.masked_fill_(~allowed_all, _NEG_INF)
+        sub.add_(bias)
         if index is not None:
             logits.index_copy_(0, index, sub)
         # A row with no finite logit left samples a meaningless token (NaN probabilities in that
         # row alone); it is discarded with the error these flags raise after the one transfer.
         dead = torch.isneginf(sub.amax(dim=-1))  # [n_mask]
-        return _MaskState(rows, empty=~allowed_all.any(dim=-1), dead=dead)
+        return _MaskState(rows, empty=empty, dead=dead)
 
-    def _stack_masks(self, masks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Per-row masks, bool [vocab] or packed int32 [ceil(vocab / 32)], as one bool
-        [n, vocab] on `device`. Packed rows cross to the device packed (32x smaller) and are
-        unpacked there together, in one op for the batch."""
+    def _mask_bias(self, masks: list[torch.Tensor], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row masks, bool [vocab] or packed int32 [ceil(vocab / 32)], as one additive bias
+        [n, vocab] on `device` and which rows allow nothing [n]. Packed rows cross to the device
+        packed (32x smaller than bool) and are expanded there together, in one op."""
+        vocab = self.vocab_size
         if all(m.device.type == "cpu" for m in masks):
             # Hooks usually build masks on the host: stack there and cross over once.
-            packed = [m for m in masks if m.dtype == torch.int32]
-            if len(packed) == len(masks):
-                return _unpack_bits(self._to_device(torch.stack(packed), device), self.vocab_size)
-            if not packed:
-                return self._to_device(torch.stack(masks), device)
-        return torch.cat([
-            _unpack_bits(self._to_device(m, device)[None], self.vocab_size)
-            if m.dtype == torch.int32 else self._to_device(m, device)[None] for m in masks])
+            if all(m.dtype == torch.int32 for m in masks):
+                packed = self._to_device(torch.stack(masks), device)
+                return _bits_to_bias(packed, vocab), _packed_empty(packed, vocab)
+            if all(m.dtype == torch.bool for m in masks):
+                allowed = self._to_device(torch.stack(masks), device)
+                return torch.where(allowed, 0.0, _NEG_INF), ~allowed.any(dim=-1)
+        bias = torch.cat([
+            _bits_to_bias(self._to_device(m, device)[None], vocab) if m.dtype == torch.int32
+            else torch.where(self._to_device(m, device)[None], 0.0, _NEG_INF) for m in masks])
+        return bias, torch.isneginf(bias.amax(dim=-1))
 
     def _check_mask(self, allowed: object) -> torch.Tensor:
         mask = torch.as_tensor(allowed)
@@ -519,20 +525,31 @@ def has_penalty(p: SamplingParams) -> bool:
             or p.frequency_penalty != 0.0)
 
 
-_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
+_BYTE_BIAS: dict[torch.device, torch.Tensor] = {}
 
 
-def _unpack_bits(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """packed: [n, ceil(vocab / 32)] int32, bit t % 32 of word t // 32 -> [n, vocab] bool.
+def _bits_to_bias(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """packed: [n, ceil(vocab / 32)] int32, bit t % 32 of word t // 32 set = token t allowed
+    -> [n, vocab] float32, 0 where allowed and -inf elsewhere.
 
-    A byte-to-bits table lookup: it moves a quarter of the memory that shifting each int32 word
-    32 ways would (int32 words are little-endian on every supported device)."""
-    table = _BYTE_BITS.get(packed.device)
+    A table lookup per byte (int32 words are little-endian on every supported device): one
+    gather writes the bias, with no shifts over 32x expanded words and no bool intermediate."""
+    table = _BYTE_BIAS.get(packed.device)
     if table is None:
         bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # [256, 8]
-        table = _BYTE_BITS[packed.device] = bits.bool().to(packed.device)
+        table = _BYTE_BIAS[packed.device] = torch.where(bits.bool(), 0.0, _NEG_INF).to(
+            packed.device)
     as_bytes = packed.contiguous().view(torch.uint8).int()  # [n, words * 4]
     return table[as_bytes].reshape(packed.shape[0], -1)[:, :vocab_size]
+
+
+def _packed_empty(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n] bool: rows with no bit set below vocab_size."""
+    words = packed.clone()
+    tail = vocab_size % 32
+    if tail:  # bits past the vocabulary in the last word do not count
+        words[:, -1] &= (1 << tail) - 1
+    return (words == 0).all(dim=-1)
 
 
 def _bincount_rows(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
