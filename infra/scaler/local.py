@@ -24,6 +24,11 @@ log = logging.getLogger("sluice.scaler.local")
 
 # A worker told to stop that is still alive after this long is killed with its process group.
 STOP_GRACE_S = 30.0
+# A worker that dies within this long of its start counts as a failed start; each one in a row
+# doubles the pause before the next start (up to MAX_BACKOFF_S), so a worker that cannot start
+# (a bad model path, no memory) is not restarted in a tight loop.
+FAILED_START_S = 60.0
+MAX_BACKOFF_S = 60.0
 
 
 class LocalBackend:
@@ -44,12 +49,17 @@ class LocalBackend:
         self._prefix = re.sub(r"[^A-Za-z0-9_.-]", "-", served_model_name)[:48]
         self._started = 0
         self.num_failed = 0  # workers that exited without being asked to
+        self._started_at: dict[str, float] = {}
+        self._failed_starts = 0  # in a row
+        self._not_before = 0.0  # monotonic time before which no worker starts
 
     def replicas(self) -> int:
         self._reap()
         return len(self.procs)
 
     def scale_up(self, count: int) -> None:
+        if time.monotonic() < self._not_before:
+            return  # backing off after failed starts; the scaler asks again next step
         for _ in range(count):
             self._started += 1
             worker_id = f"{self._prefix}-{self._started}-{secrets.token_hex(3)}"
@@ -65,11 +75,13 @@ class LocalBackend:
             else:
                 proc = subprocess.Popen(cmd, env=env, start_new_session=True)
             self.procs[worker_id] = proc
+            self._started_at[worker_id] = time.monotonic()
             log.info("started worker %s (pid %d)", worker_id, proc.pid)
 
     def remove(self, worker_ids: list[str]) -> None:
         for worker_id in worker_ids:
             proc = self.procs.pop(worker_id, None)
+            self._started_at.pop(worker_id, None)
             if proc is None:
                 continue
             if proc.poll() is None:
@@ -94,9 +106,16 @@ class LocalBackend:
     def _reap(self) -> None:
         for worker_id, proc in list(self.procs.items()):
             if proc.poll() is not None:
-                log.warning("worker %s exited with code %s", worker_id, proc.returncode)
                 self.num_failed += 1
                 del self.procs[worker_id]
+                lived_s = time.monotonic() - self._started_at.pop(worker_id, 0.0)
+                self._failed_starts = self._failed_starts + 1 if lived_s < FAILED_START_S else 0
+                backoff_s = (min(MAX_BACKOFF_S, 2.0 ** self._failed_starts)
+                             if self._failed_starts else 0.0)
+                self._not_before = time.monotonic() + backoff_s
+                log.warning("worker %s exited with code %s after %.0f s%s", worker_id,
+                            proc.returncode, lived_s,
+                            f"; next start in {backoff_s:.0f} s" if backoff_s else "")
                 _kill_group(proc)
         now = time.monotonic()
         for worker_id, (proc, since) in list(self.stopping.items()):
