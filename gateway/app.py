@@ -33,7 +33,7 @@ from gateway.protocol import (
     completion_response,
     completions_from_events,
     stream_include_usage,
-    to_job,
+    to_job_off_loop,
     usage_chunk,
 )
 from gateway.replies import Progress, ReplyRouter
@@ -239,8 +239,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         router: ReplyRouter = state["router"]
         # Validate before claiming an Idempotency-Key: a rejected request must not hold the key,
         # or its resubmission would wait for a result that never comes.
-        job = to_job(req, model=req.model, request_id=req_id, tenant=tenant_id,
-                     reply_channel=router.channel, deadline=deadline)
+        job = await to_job_off_loop(req, model=req.model, request_id=req_id, tenant=tenant_id,
+                                    reply_channel=router.channel, deadline=deadline)
         deprecation = deprecation_headers(req)  # old guided_* fields: honored, and flagged
         earlier = await remember_idempotent(tenant_id, kind, idempotency_key, req_id, req.model)
         if earlier is not None:  # same request again: the first one's result, never a rerun
@@ -379,8 +379,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise BadRequestError("a background job cannot stream; drop 'stream'", param="stream")
         await check_model(req.model)
         req_id = f"job-{uuid.uuid4().hex}"
-        job = to_job(req, model=req.model, request_id=req_id, tenant=tenant_id,
-                     reply_channel=None, deadline=None)
+        job = await to_job_off_loop(req, model=req.model, request_id=req_id, tenant=tenant_id,
+                                    reply_channel=None, deadline=None)
         earlier = await remember_idempotent(tenant_id, "jobs", idempotency_key, req_id, req.model)
         if earlier is not None:
             return JSONResponse(_job_view(earlier, req.model, "queued", None), status_code=202)

@@ -11,6 +11,7 @@ Nothing here imports torch: `worker.engine.sampling_params` is plain Python.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from gateway.structured import request_grammar, uses_tool_calls
+from gateway.structured import asks_for_grammar, request_grammar, uses_tool_calls
 from shared.errors import BadRequestError
 from shared.messages import CompletionRecord, Event, Job, Usage
 from worker.engine.errors import InvalidSamplingParamsError
@@ -465,6 +466,14 @@ def to_job(req: Request, *, model: str, request_id: str, tenant: str,
         return Job(kind="completion", prompt=req.prompt, echo=bool(req.echo), **common)
     return Job(kind="completion", prompt_token_ids=list(req.prompt), echo=bool(req.echo),
                **common)
+
+
+async def to_job_off_loop(req: Request, **kwargs: Any) -> Job:
+    """`to_job`, with a request that asks for a grammar built on a worker thread: compiling
+    and validating a large schema takes milliseconds that the event loop must not wait out."""
+    if asks_for_grammar(req):
+        return await asyncio.to_thread(to_job, req, **kwargs)
+    return to_job(req, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

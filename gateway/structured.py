@@ -72,6 +72,15 @@ def uses_tool_calls(req: Any) -> bool:
     return tool_choice_name(req) != "none"
 
 
+def asks_for_grammar(req: Any) -> bool:
+    """Whether the request names any constraint (cheap: nothing is built)."""
+    rf = getattr(req, "response_format", None)
+    return (rf is not None and rf.type != "text") \
+        or getattr(req, "structured_outputs", None) is not None \
+        or any(getattr(req, name, None) is not None for name in DEPRECATED_FIELDS) \
+        or bool(getattr(req, "tools", None))
+
+
 def request_grammar(req: Any) -> str | None:
     """The grammar every output of `req` must follow, or None. Raises `BadRequestError`."""
     specs = _specs(req)
