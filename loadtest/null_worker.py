@@ -29,7 +29,7 @@ from typing import Any
 
 from shared.settings import WorkerSettings, load_settings
 from worker.null_core import DEFAULT_TOKEN_ID, run_null_core
-from worker.service import WorkerService
+from worker.service import WorkerService, run_front
 
 
 class NullWorkerService(WorkerService):
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     service = NullWorkerService(load_settings(WorkerSettings), args.null_step_s,
                                 args.null_token_id)
     if not args.profile:
-        asyncio.run(service.run())
+        run_front(service)  # the event loop the real worker runs on
         return 0
     # Thread CPU time: waiting in epoll, or preempted by other processes, counts as nothing.
     profiler = cProfile.Profile(time.thread_time)
