@@ -81,6 +81,7 @@ class StepInputs:
     # and where that token sits in the previous step's sampled tensor.
     placeholder_rows: np.ndarray  # [P] int64
     placeholder_src: np.ndarray  # [P] int64
+    sample_rows_dev: torch.Tensor | None = None  # sample_rows on the device, set on upload
 
 
 def cuda_graph_buckets(max_batch: int) -> list[int]:
@@ -164,7 +165,7 @@ class ModelRunner:
         ]
         self.sampler = Sampler(cfg.vocab_size)
         tokens = max(max_num_batched_tokens, max_num_seqs)
-        self.uploader = _Uploader(device, 5 * tokens,
+        self.uploader = _Uploader(device, 6 * tokens,
                                   2 * max_num_seqs + 1 + max_num_seqs * self.max_blocks_per_seq)
         self.graphs: dict[int, _Graph] = {}
         if cuda_graph_max_batch > 0:
@@ -186,8 +187,10 @@ class ModelRunner:
         requests = [s.request for s in out.scheduled if s.samples]
         if not inputs.sample_rows:
             return PendingStep(requests, None)
-        rows = torch.tensor(inputs.sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])  # [num_sampled, vocab]
+        assert inputs.sample_rows_dev is not None
+        # The rows come with the step's upload: a blocking copy here would wait for the device
+        # to finish the step before, and nothing would overlap.
+        logits = self.model.compute_logits(hidden[inputs.sample_rows_dev])  # [num_sampled, vocab]
         return PendingStep(requests, self.sampler.sample_async(logits, requests))
 
     @staticmethod
@@ -243,10 +246,11 @@ class ModelRunner:
             placeholder_src=np.asarray(ph_src, dtype=np.int64))
 
     def _forward_eager(self, inputs: StepInputs, prev: PendingStep | None) -> torch.Tensor:
-        (ids, positions, slots, ph_rows, ph_src), (qsl, seq_lens, table) = self.uploader.upload(
-            [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.placeholder_rows,
-             inputs.placeholder_src],
-            [inputs.query_start_loc, inputs.seq_lens, inputs.block_table])
+        (ids, positions, slots, ph_rows, ph_src, inputs.sample_rows_dev), (qsl, seq_lens, table) = \
+            self.uploader.upload(
+                [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.placeholder_rows,
+                 inputs.placeholder_src, np.asarray(inputs.sample_rows, dtype=np.int64)],
+                [inputs.query_start_loc, inputs.seq_lens, inputs.block_table])
         self._fill_placeholders(ids, ph_rows, ph_src, prev)
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_table=table,
@@ -270,9 +274,11 @@ class ModelRunner:
         seq_lens = np.concatenate([inputs.seq_lens, np.ones(pad, np.int32)])
         table = np.zeros((bucket, inputs.block_table.shape[1]), dtype=np.int32)
         table[:n] = inputs.block_table
-        (ids_d, pos_d, slots_d, ph_rows, ph_src), (seq_lens_d, table_d) = self.uploader.upload(
-            [ids, positions, slots, inputs.placeholder_rows, inputs.placeholder_src],
-            [seq_lens, table])
+        (ids_d, pos_d, slots_d, ph_rows, ph_src, inputs.sample_rows_dev), (seq_lens_d, table_d) = \
+            self.uploader.upload(
+                [ids, positions, slots, inputs.placeholder_rows, inputs.placeholder_src,
+                 np.asarray(inputs.sample_rows, dtype=np.int64)],
+                [seq_lens, table])
         self._fill_placeholders(ids_d, ph_rows, ph_src, prev)
         g = self._static
         g["input_ids"][:bucket].copy_(ids_d)

@@ -496,7 +496,10 @@ class Sampler:
 
     def _tensor(self, data: list, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
         """A small host-built tensor on like's device, copied without waiting on the device."""
-        return self._to_device(torch.tensor(data, dtype=dtype), like.device)
+        # Pinned, so the copy is truly asynchronous: from pageable memory it may wait for the
+        # device to drain the work queued before it, the step launched ahead included.
+        pin = like.device.type == "cuda"
+        return self._to_device(torch.tensor(data, dtype=dtype, pin_memory=pin), like.device)
 
     @staticmethod
     def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
