@@ -120,7 +120,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await state["router"].stop()
         await state["redis"].aclose()
 
-    app = FastAPI(title="Sluice", version="0.1.0", lifespan=lifespan,
+    # No slash redirects: a client of a JSON API wants the error, not a bare 307 to follow
+    # (e.g. GET /v1/jobs/%2F would otherwise redirect to /v1/jobs/).
+    app = FastAPI(title="Sluice", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="OpenAI-compatible LLM serving over Redis Streams.")
     install_error_handlers(app)
     keys = {k: hashlib.sha256(k.encode()).hexdigest()[:12] for k in settings.api_keys}

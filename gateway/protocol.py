@@ -150,8 +150,8 @@ class ChatMessage(_Strict):
     def _content_present(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise PydanticCustomError("content_missing",
-                                      "content is required for role {role!r}",
-                                      {"role": self.role})
+                                      "content is required for role {role}",
+                                      {"role": repr(self.role)})
         return self
 
     def to_job_message(self) -> dict[str, Any]:

@@ -43,3 +43,11 @@ def test_request_timeout_is_a_clear_error(redis_url: str) -> None:
     assert lines[0].startswith(": keep-alive")
     error = json.loads(lines[-1].removeprefix("data: "))["error"]
     assert "timeout" in error["message"]
+
+
+def test_odd_paths_get_an_openai_404_not_a_redirect(redis_url: str) -> None:
+    with _app(redis_url) as client:
+        for path in ["/v1/jobs/%2F", "/v1/models/", "/v1/nothing"]:
+            r = client.get(path, headers=HEADERS, follow_redirects=False)
+            assert r.status_code == 404, path
+            assert r.json()["error"]["message"], path

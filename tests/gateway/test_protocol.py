@@ -445,3 +445,8 @@ def test_completions_from_events() -> None:
     assert [(r.index, r.text, r.token_ids, r.finish_reason, r.stop_reason) for r in recs] == [
         (0, "xy", [3, 4], "stop", "END"), (1, "bc", [2, 5], "length", None)]
     assert recs[0].logprobs == LOGPROBS and recs[1].logprobs is None
+
+
+def test_missing_content_names_the_role() -> None:
+    [err] = errors_of(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user"}]})
+    assert err["msg"] == "content is required for role 'user'"
