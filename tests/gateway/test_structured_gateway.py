@@ -51,6 +51,10 @@ def job(**fields: Any) -> Job:
     ({"guided_choice": ["x", "y"]}, build_grammar("choice", ["x", "y"])),
     ({"guided_grammar": 'start: "a"'}, build_grammar("grammar", 'start: "a"')),
     ({"prompt": "p", "structured_outputs": {"choice": ["x"]}}, build_grammar("choice", ["x"])),
+    ({"response_format": {"type": "structural_tag", "triggers": ["<f"], "structures": [
+        {"begin": "<f>", "schema": SCHEMA, "end": "</f>"}]}},
+     build_grammar("structural_tag", {"triggers": ["<f"], "structures": [
+         {"begin": "<f>", "schema": SCHEMA, "end": "</f>"}]})),
 ])
 def test_each_surface_becomes_the_same_grammar(fields: dict[str, Any], expected: str) -> None:
     assert job(**fields).grammar == expected
