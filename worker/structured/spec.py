@@ -184,15 +184,14 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], choice: ToolChoice,
     """
     if choice not in ("auto", "required"):
         tools = [t for t in tools if t["function"]["name"] == choice]
-    body = (f"{json.dumps(TOOL_CALL_OPEN)} %json {json.dumps(tool_call_schema(tools))} "
-            f"{json.dumps(TOOL_CALL_CLOSE)}")
+    args = f"%json {json.dumps(tool_call_schema(tools))} {json.dumps(TOOL_CALL_CLOSE)}"
     more = "(SEP? call)*" if parallel else ""
     if choice == "auto":
         # The lazy head ends at the first opening tag, so text cannot carry a malformed call.
         lark = (f"%llguidance {{}}\nstart: TEXT | head args {more}\n"
-                f"head[lazy]: TEXT {json.dumps(TOOL_CALL_OPEN)}\n"
-                f"args: %json {json.dumps(tool_call_schema(tools))} {json.dumps(TOOL_CALL_CLOSE)}\n")
+                f"head[lazy]: TEXT {json.dumps(TOOL_CALL_OPEN)}\nargs: {args}\n")
     else:
         lark = f"%llguidance {{}}\nstart: call {more}\n"
-    lark += f"call: {body}\nTEXT: /{_ANY_TEXT}/\nSEP: /[ \\n]+/\n"
+    lark += (f"call: {json.dumps(TOOL_CALL_OPEN)} {args}\nTEXT: /{_ANY_TEXT}/\n"
+             f"SEP: /[ \\n]+/\n")
     return checked(LLMatcher.grammar_from_lark(lark), "tools")
