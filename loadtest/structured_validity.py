@@ -7,12 +7,13 @@ vocabulary, and the throughput of a half-constrained batch against a free one, i
    generate --samples outputs each from the model through the offline API with a grammar mask
    (temperature 1, seeds 0..samples-1); every output that ends with "stop" is checked with
    jsonschema (format checks on).
-2. Masking cost: a synthetic byte-level vocabulary of --vocab tokens (256 bytes, the model's own
-   tokens, then letter, digit and JSON-punctuation strings; no model uses it, it only has a
-   realistic size and mix), one matcher per row walking the order/invoice/... schemas with
+2. Masking cost: a synthetic byte-level vocabulary of --vocab tokens (256 bytes, the model's
+   token strings as its vocabulary file spells them, then JSON punctuation, numbers and letter
+   strings; no model uses it, it only has a realistic size and mix), one matcher per row walking the order/invoice/... schemas with
    random logits. Per step, in CPU time of the stepping thread: filling the packed bitmasks, and
-   the sampler's extra time with the masks applied (one batched unpack and in-place fill, against
-   the same greedy sampler without masks), at batch 1 and 64.
+   the sampler's extra time with the masks applied (the packed rows expanded into one additive
+   bias, the logits copied and the bias added in place; against the same greedy sampler without
+   masks, which needs no copy), at batch 1 and 64.
 3. Mixed batch: the model's engine kept full at --batch requests for --steps steps, half of
    them under the supported schemas' grammars, against an all-free batch (every row --max-len
    tokens) and against a "stand-in" batch whose rows in place of the constrained ones are free
