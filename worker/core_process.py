@@ -11,7 +11,7 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from worker.engine.engine import EngineOutput, EngineStats
@@ -147,4 +147,8 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
         if engine.has_unfinished_requests():
             outputs += engine.step()
         if outputs or rejected or pending or compiled:
-            results.put(StepResult(outputs, engine.stats(), rejected, time.perf_counter() - t0))
+            # Requests still compiling their grammar wait too: the front counts them before it
+            # takes more work from the queue.
+            stats = engine.stats()
+            stats = replace(stats, num_waiting=stats.num_waiting + len(grammars))
+            results.put(StepResult(outputs, stats, rejected, time.perf_counter() - t0))
