@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -54,7 +55,7 @@ class ScalerLoop:
         self.observer = Observer(client, model)
         self.memory = Memory()
         self.draining: dict[str, float] = {}  # worker id -> when the drain was asked (monotonic)
-        self.cold_starts: list[ColdStart] = []
+        self.cold_starts: deque[ColdStart] = deque(maxlen=100)  # the latest, for reports
         self._cold: ColdStart | None = None
         self._last: Decision | None = None
 
