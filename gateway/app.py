@@ -155,7 +155,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         now = time.time()
         if now - fleet["read_at"] > 0.5:
             beats, models = await read_fleet()
-            workers, known = live_workers(beats, now), registry(models)
+            workers, known = live_workers(beats, now), registry(models, now)
             fleet["models"] = model_names(workers, known)
             fleet["states"] = {m: model_state(m, workers, known.get(m))
                                for m in {*fleet["models"], *settings.models}}
@@ -439,7 +439,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """Models, queue depths and workers, as `sluice status` prints them."""
         beats, models = await read_fleet()
         now = time.time()
-        listed = model_names(live_workers(beats, now), registry(models))
+        listed = model_names(live_workers(beats, now), registry(models, now))
         depths = {m: int(await state["redis"].xlen(names.queue(m))) for m in listed}
         return fleet_view(beats, models, depths, now)
 

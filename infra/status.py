@@ -27,7 +27,7 @@ def from_redis(url: str) -> dict[str, Any]:
         beats = client.hgetall(names.WORKERS)
         models = client.hgetall(names.MODELS)
         now = time.time()
-        listed = model_names(live_workers(beats, now), registry(models))
+        listed = model_names(live_workers(beats, now), registry(models, now))
         depths = {m: int(client.xlen(names.queue(m))) for m in listed}
     except redis.RedisError as e:
         raise StatusError(f"cannot read the fleet from Redis at {url}: {e}") from e

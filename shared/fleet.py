@@ -4,7 +4,9 @@ Pure functions over what HGETALL of `names.WORKERS` and `names.MODELS` return, s
 gateway and the synchronous command line read the same things the same way.
 
 A model's state: "ready" when a live worker of it is ready, "warming" when workers are starting
-or the scaler wants some (`desired` > 0), "cold" when it has none and none is coming.
+or the scaler wants some (`desired` > 0), "cold" when it has none and none is coming. The scaler
+rewrites its entry every interval; an entry older than REGISTRY_STALE_S (the scaler stopped
+without clearing it) still lists the model but wants no worker.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 ModelState = Literal["cold", "warming", "ready"]
+REGISTRY_STALE_S = 30.0
 
 
 def _text(value: bytes | str) -> str:
@@ -33,15 +36,18 @@ def live_workers(beats: Mapping[Any, Any], now: float) -> list[dict[str, Any]]:
     return sorted(out, key=lambda b: (b["model"], b.get("worker_id", "")))
 
 
-def registry(models: Mapping[Any, Any]) -> dict[str, dict[str, Any]]:
-    """The scaler's model registry: model -> {state, desired, ...}."""
+def registry(models: Mapping[Any, Any], now: float) -> dict[str, dict[str, Any]]:
+    """The scaler's model registry: model -> {state, desired, updated, ...}."""
     out: dict[str, dict[str, Any]] = {}
     for name, raw in models.items():
         try:
             entry = json.loads(raw)
         except ValueError:
             entry = {}
-        out[_text(name)] = entry if isinstance(entry, dict) else {}
+        entry = entry if isinstance(entry, dict) else {}
+        if now - float(entry.get("updated", now)) > REGISTRY_STALE_S:
+            entry = {**entry, "state": "cold", "desired": 0, "stale": True}
+        out[_text(name)] = entry
     return out
 
 
@@ -63,7 +69,7 @@ def fleet_view(beats: Mapping[Any, Any], models: Mapping[Any, Any], depths: Mapp
                now: float) -> dict[str, Any]:
     """{"models": [...], "workers": [...]}: what `sluice status --json` prints."""
     workers = live_workers(beats, now)
-    known = registry(models)
+    known = registry(models, now)
     view_models = []
     for name in model_names(workers, known):
         entry = known.get(name, {})

@@ -41,6 +41,8 @@ def fleet(redis_url: str) -> str:
         "tiny": json.dumps({"state": "ready", "desired": 1}),
         "big": json.dumps({"state": "warming", "desired": 2}),
         "sleepy": json.dumps({"state": "cold", "desired": 0}),
+        # Its scaler stopped a minute ago without clearing the entry: no worker is coming.
+        "orphan": json.dumps({"state": "warming", "desired": 1, "updated": time.time() - 60}),
     })
     for i in range(3):
         r.xadd(names.queue("tiny"), {names.JOB_FIELD: json.dumps({"n": i})})
@@ -56,7 +58,8 @@ def _sluice(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _check(view: dict) -> None:
     models = {m["id"]: m for m in view["models"]}
-    assert set(models) == {"big", "sleepy", "tiny"}
+    assert set(models) == {"big", "orphan", "sleepy", "tiny"}
+    assert (models["orphan"]["state"], models["orphan"]["desired"]) == ("cold", 0)
     assert models["tiny"] == {"id": "tiny", "state": "ready", "queue_depth": 3, "desired": 1,
                               "workers": 2, "ready": 1}
     assert (models["big"]["state"], models["big"]["queue_depth"]) == ("warming", 1)
@@ -96,7 +99,7 @@ def test_models_list_each_state_even_at_zero_workers(fleet: str) -> None:
     with TestClient(create_app(settings)) as client:
         data = client.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
         states = {m["id"]: m["state"] for m in data["data"]}
-        assert states == {"big": "warming", "sleepy": "cold", "tiny": "ready"}
+        assert states == {"big": "warming", "orphan": "cold", "sleepy": "cold", "tiny": "ready"}
         # A model the scaler keeps at zero still accepts requests: they wait in its queue.
         r = client.post("/v1/jobs", headers={"Authorization": f"Bearer {API_KEY}"},
                         json={"endpoint": "/v1/completions",
