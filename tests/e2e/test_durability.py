@@ -129,3 +129,77 @@ def test_background_job_survives_a_gateway_restart(tmp_path: Path, tiny_model_di
     finally:
         _stop(*(p for p in (worker, gateway, second) if p is not None))
         server.stop()
+
+
+def test_jobs_and_streams_survive_redis_restarts(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A job queued before a hard Redis crash is served after it (AOF), and the gateway and
+    worker that lived through two crashes still serve a stream."""
+    expected = LLM(str(tiny_model_dir), device="cpu", kv_cache_memory_bytes=2**24).generate(
+        "outlive redis", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].text
+    data_dir, port = tmp_path / "redis", free_port()
+    servers = [RedisServer(port=port, data_dir=data_dir, appendonly=True).start()]
+    env = _env(servers[0], SLUICE_MODELS="tiny")
+    gw_port = free_port()
+    gateway = _start(["gateway", "--port", str(gw_port)], env)
+    worker: subprocess.Popen[bytes] | None = None
+    base, headers = f"http://127.0.0.1:{gw_port}", {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "tiny", "prompt": "outlive redis", "max_tokens": 24, "temperature": 0.0,
+            "ignore_eos": True}
+
+    def crash_and_restart() -> None:
+        time.sleep(1.5)  # the AOF is fsynced once a second
+        os.kill(servers[-1].pid or 0, signal.SIGKILL)
+        servers[-1].stop()
+        servers.append(RedisServer(port=port, data_dir=data_dir, appendonly=True).start())
+
+    try:
+        def gateway_up() -> bool:
+            try:
+                return httpx.get(f"{base}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(gateway_up, 60, "the gateway")
+        # No worker yet: the job waits in the stream, and in the AOF.
+        created = httpx.post(f"{base}/v1/jobs", headers=headers,
+                             json={"endpoint": "/v1/completions", "body": body})
+        assert created.status_code == 202
+        job_id = created.json()["id"]
+        crash_and_restart()
+        worker = _start(_worker_args(tiny_model_dir), env)
+        view: dict = {}
+
+        def completed() -> bool:
+            try:
+                view.update(httpx.get(f"{base}/v1/jobs/{job_id}", headers=headers).json())
+            except (httpx.HTTPError, ValueError):
+                return False
+            return view.get("status") == "completed"
+
+        _wait(completed, 120, "the queued job to complete after the crash")
+        assert view["result"]["choices"][0]["text"] == expected
+        crash_and_restart()
+
+        def streamed() -> str | None:
+            text = ""
+            try:
+                with httpx.stream("POST", f"{base}/v1/completions", headers=headers,
+                                  json={**body, "stream": True}, timeout=30) as r:
+                    if r.status_code != 200:
+                        return None
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["text"]
+            except httpx.HTTPError:
+                return None
+            return text
+
+        # The gateway's reply channel and the worker's loops come back on their own.
+        result: list[str | None] = []
+        _wait(lambda: result.append(streamed()) or result[-1] == expected, 90,
+              "a stream through the gateway and worker that outlived the crash")
+    finally:
+        _stop(*(p for p in (worker, gateway) if p is not None))
+        for server in servers:
+            server.stop()
