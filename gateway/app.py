@@ -55,7 +55,7 @@ from shared.errors import (
     error_from_type,
 )
 from shared.fleet import fleet_view, live_workers, model_names, model_state, registry
-from shared.messages import Cancel, CompletionRecord, Event, Job, RequestRecord, Usage
+from shared.messages import Cancel, CompletionRecord, Event, Job, RequestRecord, Started, Usage
 from shared.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,15 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     endpoint: str  # "/v1/chat/completions" or "/v1/completions"
     body: dict[str, Any]
+
+
+# XADD the job unless the queue already holds the cap; answers the entry id, or the depth
+# (an integer) when full.
+_ENQUEUE_IF_ROOM = """
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then return depth end
+return redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[3])
+"""
 
 
 class BodyLimitAndMetrics:
@@ -112,6 +121,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=512,
                                                         timeout=30)
         state["redis"] = aioredis.Redis(connection_pool=pool)
+        state["enqueue_if_room"] = state["redis"].register_script(_ENQUEUE_IF_ROOM)
         state["router"] = ReplyRouter(state["redis"], names.gateway_channel(settings.gateway_id))
         await state["router"].start()
         log.info("gateway %s on reply channel %s, Redis %s", settings.gateway_id,
@@ -167,26 +177,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise NotFoundError(f"model {model!r} is not served here; GET /v1/models lists them",
                                 param="model")
 
-    async def admit(model: str) -> None:
+    async def admit_and_enqueue(job: Job, tenant_id: str, endpoint: str,
+                                idempotency_key: str | None) -> None:
+        """Admission and XADD in one round trip (and atomically: no two gateways both take the
+        last place); a refused request gives its Idempotency-Key back for the retry."""
         # Workers delete entries as they acknowledge them: the length is the unfinished backlog.
-        depth = await state["redis"].xlen(names.queue(model))
-        if depth >= settings.queue_cap:
-            raise RateLimitError(f"model {model!r} has {depth} requests queued or running; "
-                                 "retry shortly", retry_after_s=1)
-
-    async def admit_or_release(model: str, tenant_id: str, endpoint: str,
-                               idempotency_key: str | None) -> None:
-        """Admission; a refused request gives its Idempotency-Key back for the retry."""
-        try:
-            await admit(model)
-        except RateLimitError:
+        added = await state["enqueue_if_room"](
+            keys=[names.queue(job.model)],
+            args=[settings.queue_cap, names.JOB_FIELD, job.model_dump_json()])
+        if isinstance(added, int):
             if idempotency_key:
                 await state["redis"].delete(
                     names.idempotency(tenant_id, f"{endpoint}:{idempotency_key}"))
-            raise
-
-    async def enqueue(job: Job) -> None:
-        await state["redis"].xadd(names.queue(job.model), {names.JOB_FIELD: job.model_dump_json()})
+            raise RateLimitError(f"model {job.model!r} has {added} requests queued or running; "
+                                 "retry shortly", retry_after_s=1)
         metrics.requests_queued(job.model)
 
     async def cancel(model: str, req_id: str) -> None:
@@ -255,10 +259,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             return JSONResponse(_respond(kind, earlier, record.model, record.completions,
                                          record.usage, int(record.created),
                                          tools=uses_tool_calls(req)), headers=deprecation)
-        await admit_or_release(req.model, tenant_id, kind, idempotency_key)
-        queue = router.register(req_id)
+        queue = router.register(req_id)  # before the job exists: no reply may be missed
         try:
-            await enqueue(job)
+            await admit_and_enqueue(job, tenant_id, kind, idempotency_key)
         except Exception:
             router.unregister(req_id)
             raise
@@ -386,13 +389,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         earlier = await remember_idempotent(tenant_id, "jobs", idempotency_key, req_id, req.model)
         if earlier is not None:
             return JSONResponse(_job_view(earlier, req.model, "queued", None), status_code=202)
-        await admit_or_release(req.model, tenant_id, "jobs", idempotency_key)
+        # Indexed before it is queued, so a job that exists can always be found.
         await state["redis"].set(names.job_index(req_id),
-                                 json.dumps({"model": req.model, "kind": kind,
-                                             "tenant": tenant_id, "body": body.body}),
+                                 json.dumps({"model": req.model, "kind": kind, "tenant": tenant_id,
+                                             "body": body.body, "created": job.created}),
                                  ex=settings.record_ttl_s)
-        await enqueue(job)
-        return JSONResponse(_job_view(req_id, req.model, "queued", None), status_code=202)
+        try:
+            await admit_and_enqueue(job, tenant_id, "jobs", idempotency_key)
+        except RateLimitError:
+            await state["redis"].delete(names.job_index(req_id))
+            raise
+        return JSONResponse(_job_view(req_id, req.model, "queued", None, created=job.created),
+                            status_code=202)
 
     async def job_meta(job_id: str, tenant_id: str) -> dict[str, Any]:
         raw = await state["redis"].get(names.job_index(job_id))
@@ -406,16 +414,23 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         meta = await job_meta(job_id, tenant_id)
         record = await read_record(meta["model"], job_id)
         if record is None:
-            cancelled = await state["redis"].exists(names.cancelled(meta["model"], job_id))
-            return JSONResponse(_job_view(job_id, meta["model"],
-                                          "cancelling" if cancelled else "queued_or_running", None))
+            pipe = state["redis"].pipeline(transaction=False)
+            pipe.exists(names.cancelled(meta["model"], job_id))
+            pipe.get(names.started(meta["model"], job_id))
+            cancelled, raw_started = await pipe.execute()
+            started = Started.model_validate_json(raw_started).started if raw_started else None
+            status = "cancelling" if cancelled else "queued" if started is None else "running"
+            return JSONResponse(_job_view(job_id, meta["model"], status, None,
+                                          created=meta.get("created"), started=started))
         result = None
         if record.status == "completed":
             body = meta["body"]
             result = _respond(meta["kind"], job_id, record.model, record.completions, record.usage,
                               int(record.created), tools=bool(body.get("tools")) and body.get(
                                   "tool_choice", "auto") != "none")
-        view = _job_view(job_id, meta["model"], record.status, result)
+        view = _job_view(job_id, meta["model"], record.status, result,
+                         created=meta.get("created", record.created), started=record.started,
+                         finished=record.finished)
         if record.error:
             view["error"] = {"message": record.error, "type": record.error_type or "server_error"}
         return JSONResponse(view)
@@ -465,8 +480,12 @@ def _job_kind(endpoint: str) -> tuple[str, Any]:
                           param="endpoint")
 
 
-def _job_view(job_id: str, model: str, status: str, result: Any) -> dict[str, Any]:
-    return {"id": job_id, "object": "job", "model": model, "status": status, "result": result}
+def _job_view(job_id: str, model: str, status: str, result: Any, created: float | None = None,
+              started: float | None = None, finished: float | None = None) -> dict[str, Any]:
+    """status: queued (no worker took it yet), running, cancelling, then completed, failed or
+    cancelled. Times in Unix seconds, null while unknown: queue time is started_at - created_at."""
+    return {"id": job_id, "object": "job", "model": model, "status": status, "result": result,
+            "created_at": created, "started_at": started, "finished_at": finished}
 
 
 def _respond(kind: str, req_id: str, model: str, completions: list[CompletionRecord],

@@ -86,12 +86,20 @@ class RequestRecord(BaseModel):
     kind: Literal["chat", "completion"]
     status: Literal["completed", "failed", "cancelled"]
     created: float
+    started: float | None = None  # when a worker first started it; None: it never ran
     finished: float
     prompt_token_ids: list[int] = Field(default_factory=list)
     completions: list[CompletionRecord] = Field(default_factory=list)
     usage: Usage | None = None
     error: str | None = None
     error_type: str | None = None
+
+
+class Started(BaseModel):
+    """Written to `names.started` by the worker that first takes a request."""
+
+    worker_id: str
+    started: float
 
 
 class Cancel(BaseModel):

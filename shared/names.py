@@ -30,6 +30,12 @@ def request_record(model: str, request_id: str) -> str:
     return f"{_tag(model)}:req:{request_id}"
 
 
+def started(model: str, request_id: str) -> str:
+    """Which worker first started a request, and when (`messages.Started`): the job view's
+    "running" and its queue time."""
+    return f"{_tag(model)}:started:{request_id}"
+
+
 def checkpoint(model: str, request_id: str) -> str:
     """Tokens and text a request has produced so far, so another worker can resume it."""
     return f"{_tag(model)}:ckpt:{request_id}"

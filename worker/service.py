@@ -32,6 +32,7 @@ from shared.messages import (
     Job,
     Reply,
     RequestRecord,
+    Started,
     Usage,
 )
 from shared.settings import WorkerSettings
@@ -70,6 +71,7 @@ class Active:
     resumed_token_ids: list[int] = field(default_factory=list)  # produced by an earlier delivery
     resumed_text: str = ""
     checkpointed: int = 0
+    started: float | None = None  # when a worker first started it, for its record
 
 
 class WorkerService:
@@ -225,11 +227,17 @@ class WorkerService:
             log.error("dropping malformed job %s: %s", entry_id, e)
             await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
             return
-        # One round trip for both lookups: this sits between a job's arrival and its first token.
+        # One round trip for the lookups and the start mark: this sits between a job's arrival
+        # and its first token. NX: a redelivered job keeps its first start, so its queue time
+        # stays the time it queued.
+        started_key = names.started(self.model_name, job.id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(names.cancelled(self.model_name, job.id))
         pipe.get(names.checkpoint(self.model_name, job.id))
-        is_cancelled, ckpt = await pipe.execute()
+        pipe.set(started_key, Started(worker_id=self.settings.worker_id, started=time.time())
+                 .model_dump_json(), nx=True, ex=self.settings.record_ttl_s)
+        pipe.get(started_key)
+        is_cancelled, ckpt, _, first_start = await pipe.execute()
         if is_cancelled:
             record = RequestRecord(id=job.id, model=self.model_name, kind=job.kind,
                                    status="cancelled", created=job.created, finished=time.time())
@@ -256,7 +264,8 @@ class WorkerService:
             await self._fail(job, entry_id, [], str(e), "invalid_request_error")
             return
         try:
-            await self._start(job, entry_id, prompt_ids, params, ckpt)
+            started = Started.model_validate_json(first_start).started if first_start else None
+            await self._start(job, entry_id, prompt_ids, params, ckpt, started)
         except Exception as e:  # one job's failure must never stop this worker reading jobs
             log.exception("job %s failed to start", job.id)
             self.active.pop(job.id, None)
@@ -264,8 +273,8 @@ class WorkerService:
             await self._fail(job, entry_id, [], f"{type(e).__name__}: {e}", "server_error")
 
     async def _start(self, job: Job, entry_id: str, prompt_ids: list[int],
-                     params: SamplingParams, ckpt: bytes | None) -> None:
-        active = Active(job, entry_id, prompt_ids)
+                     params: SamplingParams, ckpt: bytes | None, started: float | None) -> None:
+        active = Active(job, entry_id, prompt_ids, started=started)
         engine_prompt = prompt_ids
         # n > 1 restarts from scratch; the gateway drops what it already has
         if params.n == 1 and ckpt:
@@ -406,7 +415,7 @@ class WorkerService:
             else "completed")
         record = RequestRecord(
             id=rid, model=self.model_name, kind=active.job.kind, status=status,
-            created=active.job.created, finished=time.time(),
+            created=active.job.created, started=active.started, finished=time.time(),
             prompt_token_ids=active.prompt_token_ids,
             completions=[CompletionRecord(
                 index=o.index, text=(active.resumed_text if o.index == 0 else "") + o.text,

@@ -112,11 +112,16 @@ def test_async_job_and_idempotent_resubmit(service: Service) -> None:
     job_id = first.json()["id"]
     assert again.json()["id"] == job_id
     deadline = time.monotonic() + 30
+    seen = set()
     while time.monotonic() < deadline:
         view = httpx.get(f"{service.base_url}/v1/jobs/{job_id}", headers=headers).json()
+        seen.add(view["status"])
         if view["status"] == "completed":
             break
         time.sleep(0.1)
+    assert seen <= {"queued", "running", "completed"}, seen
+    # The worker marked its start: the view tells the job's queue time and its run time.
+    assert view["created_at"] <= view["started_at"] <= view["finished_at"] <= time.time()
     direct = service.client().completions.create(model="tiny", prompt="a background job",
                                                  max_tokens=12, temperature=0.0)
     assert view["result"]["choices"][0]["text"] == direct.choices[0].text
