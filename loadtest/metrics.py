@@ -176,7 +176,8 @@ def calculate_job_metrics(outputs: list[Any], duration_s: float,
                           percentiles: list[float] | None = None) -> dict[str, Any]:
     """Background jobs (`runner.JobOutput`): throughputs as above, and the distributions of the
     submit round trip, the turnaround (submit to seen done, so up to one poll interval late)
-    and, where the server shows it, the queue time."""
+    and, where the server shows it, the queue time (with how many came from the job view's
+    times and how many from the polls)."""
     percentiles = percentiles or [50.0, 90.0, 99.0]
     ok = [o for o in outputs if o.success]
     total_out = sum(o.output_tokens for o in ok)
@@ -189,6 +190,8 @@ def calculate_job_metrics(outputs: list[Any], duration_s: float,
         "request_throughput": len(ok) / duration_s if duration_s > 0 else 0.0,
         "output_throughput": total_out / duration_s if duration_s > 0 else 0.0,
         "queue_time_observed": bool(queue),
+        "queue_time_sources": dict(Counter(o.queue_time_source for o in ok
+                                           if o.queue_time_s is not None)),
         "failures_by_reason": dict(Counter(o.error for o in outputs if not o.success)),
     }
     for name, values in dists.items():

@@ -64,6 +64,10 @@ def summary_text(run: dict[str, Any], mode: str, percentiles: list[str],
         lines.append(_row(f"Median {short} (ms)", run[f"median_{key}_ms"]))
         lines += [_row(f"{p.upper()} {short} (ms)", run[f"{p}_{key}_ms"])
                   for p in percentiles if p != "p50"]  # p50 is the median, just above
+        if key == "queue_time":  # how it was measured: the view's times or the polls
+            lines.append(_row("Queue times from", ", ".join(
+                f"{src} {n}" for src, n in sorted(run.get("queue_time_sources", {}).items()))
+                or None))
     lines.append("=" * LINE)
     return "\n".join(lines)
 
@@ -77,7 +81,8 @@ def sweep_table(runs: list[dict[str, Any]], mode: str) -> str:
                  ("TPOT p50", "median_tpot_ms"), ("ITL p99", "p99_itl_ms"),
                  ("goodput", "request_goodput")]
     else:
-        cols += [("turn p50", "median_turnaround_ms"), ("turn p99", "p99_turnaround_ms")]
+        cols += [("turn p50", "median_turnaround_ms"), ("turn p99", "p99_turnaround_ms"),
+                 ("queue p50", "median_queue_time_ms"), ("queue p99", "p99_queue_time_ms")]
     lines = [f"{'rate':>11}" + "".join(f"{name:>11}" for name, _ in cols)]
     for run in runs:
         lines.append(f"{rate_label(run['request_rate']):>11}"

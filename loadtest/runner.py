@@ -2,7 +2,8 @@
 
 Streaming mode times every request chunk by chunk (`loadtest.client`). Jobs mode submits each
 request as a background job (`POST /v1/jobs`), polls it until it ends, and times the turnaround;
-it also reports the queue time when the server tells a queued job from a running one.
+it also reports the queue time: `started_at - created_at` where the job view gives both (Sluice
+does), else submit to the first poll that shows the job no longer queued.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import httpx
 
@@ -21,10 +22,24 @@ from loadtest.datasets import SampleRequest
 
 T = TypeVar("T")
 JOB_DONE = {"completed", "failed", "cancelled"}
-# Statuses a server may use for a job that has not started: its queue time ends at the first
-# poll that shows anything else (Sluice reports "queued_or_running", which ends nothing).
+# Statuses a server may use for a job that has not started: without the view's timestamps, its
+# queue time ends at the first poll that shows anything else ("queued_or_running", which older
+# Sluice versions report until the job ends, ends nothing).
 JOB_QUEUED = {"queued", "pending", "validating"}
 JOB_UNSTARTED = JOB_QUEUED | {"queued_or_running"}
+
+
+def server_queue_time_s(view: dict[str, Any]) -> float | None:
+    """`started_at - created_at` of a job view that gives both (Unix seconds), else None. Not
+    clamped at zero: a negative figure tells of clocks that disagree, and the report shows it."""
+    created, started = view.get("created_at"), view.get("started_at")
+    if not (_is_time(created) and _is_time(started)):
+        return None
+    return float(started) - float(created)
+
+
+def _is_time(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class _NoBar:
@@ -100,7 +115,10 @@ class JobOutput:
     status: str = ""
     submit_s: float = 0.0  # POST /v1/jobs round trip
     turnaround_s: float = 0.0  # submit to the first poll that saw it end
-    queue_time_s: float | None = None  # submit to the first poll that saw it started
+    # started_at - created_at from the job view ("server"), else submit to the first poll that
+    # saw it started ("polls": up to one poll interval late)
+    queue_time_s: float | None = None
+    queue_time_source: str = ""
     output_tokens: int = 0
     num_polls: int = 0
     success: bool = False
@@ -123,6 +141,7 @@ async def run_job(client: httpx.AsyncClient, api: ApiConfig, sample: SampleReque
             return out
         view = r.json()
         out.job_id, out.status = view["id"], view.get("status", "")
+        polled_queue_s: float | None = None
         while out.status not in JOB_DONE:
             await asyncio.sleep(poll_interval_s)
             r = await client.get(f"{base}/v1/jobs/{out.job_id}", headers=api.headers())
@@ -132,9 +151,15 @@ async def run_job(client: httpx.AsyncClient, api: ApiConfig, sample: SampleReque
                 return out
             view = r.json()
             out.status = view.get("status", "")
-            if out.queue_time_s is None and out.status not in JOB_UNSTARTED:
-                out.queue_time_s = time.perf_counter() - t0
+            if polled_queue_s is None and out.status not in JOB_UNSTARTED:
+                polled_queue_s = time.perf_counter() - t0
         out.turnaround_s = time.perf_counter() - t0
+        # The last view is the one that knows most: a finished job still tells its start.
+        out.queue_time_s = server_queue_time_s(view)
+        if out.queue_time_s is not None:
+            out.queue_time_source = "server"
+        elif polled_queue_s is not None:
+            out.queue_time_s, out.queue_time_source = polled_queue_s, "polls"
         if out.status != "completed":
             err = view.get("error") or {}
             out.error = f"job_{out.status}_{err.get('type', 'unknown')}"

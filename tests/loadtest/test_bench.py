@@ -122,6 +122,12 @@ def test_chat_jobs_and_failures_are_reported(up: Up, tmp_path: Path,
     run = json.loads((tmp_path / "jobs.json").read_text())["runs"][0]
     assert (run["completed"], run["failed"]) == (4, 0) and run["total_output_tokens"] == 16
     assert 0 < run["median_submit_ms"] <= run["median_turnaround_ms"]
+    # Sluice's job view gives created_at and started_at: every job's queue time comes from them,
+    # on one machine's clock, so none is negative, and none outlasts the job.
+    assert run["queue_time_sources"] == {"server": 4}
+    assert all(0 <= q <= t for q, t in zip(run["queue_times"], run["turnarounds"], strict=True))
+    assert 0 <= run["median_queue_time_ms"] <= run["p99_queue_time_ms"]
+    assert "Queue times from:" in capsys.readouterr().out
 
     # Streamed chat with shared prefixes.
     assert serve.main([*common, "--api-key", API_KEY, "--backend", "openai-chat",
