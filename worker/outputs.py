@@ -76,6 +76,9 @@ class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer | None) -> None:
         self.tokenizer = tokenizer
         self._requests: dict[str, tuple[RequestOutput, SamplingParams, list[_Completion]]] = {}
+        # Engine request id -> (request id, completion index), for a completion that runs in
+        # the engine as a request of its own (resumed from a checkpoint).
+        self._routes: dict[str, tuple[str, int]] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
@@ -101,23 +104,49 @@ class OutputProcessor:
 
     def pop(self, request_id: str) -> RequestOutput | None:
         entry = self._requests.pop(request_id, None)
+        if self._routes:
+            for engine_id in [e for e, (rid, _) in self._routes.items() if rid == request_id]:
+                del self._routes[engine_id]
         return entry[0] if entry else None
+
+    def route(self, engine_request_id: str, request_id: str, index: int) -> None:
+        """The outputs of the engine's single-completion request `engine_request_id` belong to
+        completion `index` of `request_id`: completions resumed from different prefixes cannot
+        share one engine request."""
+        self._routes[engine_request_id] = (request_id, index)
+
+    def owner(self, engine_request_id: str) -> tuple[str, int]:
+        """(request id, completion index) of an engine request's first completion."""
+        return self._routes.get(engine_request_id, (engine_request_id, 0))
+
+    def replay(self, request_id: str, index: int, chunks: list[list[int]],
+               finish_reason: str | None, stop_reason: int | str | None) -> CompletionOutput:
+        """Feeds a completion the tokens an earlier run produced, step by step as they were
+        produced, so its text and detokenizer state are those the client saw; returns it."""
+        outputs = [EngineOutput(request_id, index, chunk) for chunk in chunks]
+        if finish_reason is not None:
+            outputs.append(EngineOutput(request_id, index, [], finish_reason=finish_reason,
+                                        stop_reason=stop_reason))
+        self.process(outputs)
+        return self._requests[request_id][0].outputs[index]
 
     def process(self, engine_outputs: list[EngineOutput]
                 ) -> tuple[list[CompletionDelta], list[tuple[str, int, str]]]:
         """Applies one step's engine outputs.
 
         Returns the deltas for clients and the completions a stop string just ended, as
-        (request_id, index, stop string): the caller must end those in the engine.
+        (engine request id, its completion index, stop string): the caller must end those in
+        the engine.
         """
         deltas: list[CompletionDelta] = []
         stops: list[tuple[str, int, str]] = []
         for eo in engine_outputs:
-            entry = self._requests.get(eo.request_id)
+            rid, index = self._routes.get(eo.request_id, (eo.request_id, eo.index))
+            entry = self._requests.get(rid)
             if entry is None:
                 continue
             result, _, completions = entry
-            comp = completions[eo.index]
+            comp = completions[index]
             out = comp.output
             if out.finished:  # already ended by a stop string; late tokens are dropped
                 continue
@@ -142,7 +171,7 @@ class OutputProcessor:
                 out.finish_reason, out.stop_reason, out.error = (
                     eo.finish_reason, eo.stop_reason, eo.error)
             out.text += text
-            deltas.append(CompletionDelta(eo.request_id, eo.index, text, eo.new_token_ids, new_lps,
+            deltas.append(CompletionDelta(rid, index, text, eo.new_token_ids, new_lps,
                                           out.finish_reason, out.stop_reason, out.error))
         return deltas, stops
 

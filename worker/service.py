@@ -36,6 +36,7 @@ from shared.messages import (
     Usage,
 )
 from shared.settings import WorkerSettings
+from worker import checkpoint
 from worker.core_process import (
     Abort,
     AddRequest,
@@ -57,20 +58,15 @@ from worker.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-# Tokens between checkpoints of a request's progress: a resumed request recomputes at most
-# this many, and the gateway drops the repeats by their sequence numbers.
-CHECKPOINT_EVERY = 16
-
-
 @dataclass
 class Active:
     job: Job
     entry_id: str
     prompt_token_ids: list[int]  # the request's own prompt, without resumed tokens
     num_sent: dict[int, int] = field(default_factory=dict)  # tokens published per completion
-    resumed_token_ids: list[int] = field(default_factory=list)  # produced by an earlier delivery
-    resumed_text: str = ""
-    checkpointed: int = 0
+    # Its requests in the engine: its own id, or one per completion resumed from a checkpoint.
+    engine_ids: list[str] = field(default_factory=list)
+    checkpoint_expires: bool = False  # this delivery has set its checkpoint's TTL
     started: float | None = None  # when a worker first started it, for its record
 
 
@@ -275,25 +271,48 @@ class WorkerService:
     async def _start(self, job: Job, entry_id: str, prompt_ids: list[int],
                      params: SamplingParams, ckpt: bytes | None, started: float | None) -> None:
         active = Active(job, entry_id, prompt_ids, started=started)
-        engine_prompt = prompt_ids
-        # n > 1 restarts from scratch; the gateway drops what it already has
-        if params.n == 1 and ckpt:
-            done = json.loads(ckpt)
-            active.resumed_token_ids, active.resumed_text = done["token_ids"], done["text"]
-            active.num_sent[0] = active.checkpointed = len(active.resumed_token_ids)
-            engine_prompt = prompt_ids + active.resumed_token_ids
-            left = (params.max_tokens or self.max_model_len) - len(active.resumed_token_ids)
-            params = params.clone(max_tokens=max(left, 1),
-                                  min_tokens=max(0, min(params.min_tokens - len(
-                                      active.resumed_token_ids), left)))
-            log.info("resuming %s after %d tokens", job.id, len(active.resumed_token_ids))
+        self.processor.add_request(job.id, job.prompt, prompt_ids, params)
+        adds = [AddRequest(job.id, prompt_ids, params, job.priority, job.grammar)]
+        if ckpt:
+            adds = self._resume(active, params, checkpoint.parse(ckpt, params.n))
+        active.engine_ids = [add.request_id for add in adds]
         self.active[job.id] = active
         self.metrics.admitted(job.id, job.created, len(prompt_ids))
-        self.processor.add_request(job.id, job.prompt, engine_prompt, params)
-        self._in_flight_adds += 1
-        # A resumed request's matcher is advanced over the tokens it already produced.
-        self._commands.put(AddRequest(job.id, engine_prompt, params, job.priority, job.grammar,
-                                      list(active.resumed_token_ids)))
+        self._in_flight_adds += len(adds)
+        for add in adds:
+            self._commands.put(add)
+        if not adds:  # every completion had ended; the worker died before writing the record
+            await self._complete(job.id)
+
+    def _resume(self, active: Active, params: SamplingParams,
+                progress: list[checkpoint.CompletionProgress]) -> list[AddRequest]:
+        """Continues each completion from the tokens its client already has, so a sampled
+        completion stays one generation; one that had ended stays as it ended.
+
+        Completions with different prefixes cannot share one engine request: with n > 1 each
+        unfinished one runs as a single-completion request of its own (seed + index when
+        seeded, as the engine seeds its n children) whose outputs the processor routes back.
+        """
+        job, adds = active.job, []
+        for index, p in enumerate(progress):
+            out = self.processor.replay(job.id, index, p.chunks, p.finish_reason, p.stop_reason)
+            active.num_sent[index] = num_done = len(out.token_ids)
+            if out.finished:
+                continue
+            engine_id = job.id if params.n == 1 else f"{job.id}#{index}"
+            if params.n > 1:
+                self.processor.route(engine_id, job.id, index)
+            left = (params.max_tokens or self.max_model_len) - num_done
+            part = params.clone(
+                n=1, seed=None if params.seed is None else params.seed + index,
+                max_tokens=max(left, 1),
+                min_tokens=max(0, min(params.min_tokens - num_done, left)))
+            # A resumed request's matcher is advanced over the tokens it already produced.
+            adds.append(AddRequest(engine_id, active.prompt_token_ids + out.token_ids, part,
+                                   job.priority, job.grammar, list(out.token_ids)))
+        log.info("resuming %s after %s tokens", job.id,
+                 "+".join(str(active.num_sent[i]) for i in range(len(progress))))
+        return adds
 
     def _tokenize(self, job: Job) -> list[int]:
         if job.kind == "chat":
@@ -320,9 +339,13 @@ class WorkerService:
             self._in_flight_adds = 0
             self.metrics.step(item.stats, sum(len(o.new_token_ids) for o in item.outputs))
             for rej in item.rejected:
-                active = self.active.get(rej.request_id)
+                rid, _ = self.processor.owner(rej.request_id)
+                active = self.active.get(rid)
                 if active is not None:
-                    self.processor.pop(rej.request_id)
+                    self.processor.pop(rid)
+                    others = [e for e in active.engine_ids if e != rej.request_id]
+                    if others:  # the request's other resumed completions end with it
+                        self._commands.put(Abort(others))
                     await self._fail(active.job, active.entry_id, active.prompt_token_ids,
                                      rej.message, "invalid_request_error")
             deltas, stops = self.processor.process(item.outputs)
@@ -333,15 +356,17 @@ class WorkerService:
     async def _publish(self, deltas: list[CompletionDelta]) -> None:
         by_channel: dict[str, list[Event]] = {}
         finished: list[str] = []
-        due: list[str] = []  # requests whose progress is due for a checkpoint
+        # The checkpoint lines go ahead of the PUBLISHes in one pipeline: a client never holds
+        # tokens that a resumed request would not continue from.
+        pipe = self.redis.pipeline(transaction=False)
         for d in deltas:
             active = self.active.get(d.request_id)
             if active is None:
                 continue
             seq = active.num_sent.get(d.index, 0)
             active.num_sent[d.index] = seq + len(d.token_ids)
-            if d.index == 0 and seq + len(d.token_ids) - active.checkpointed >= CHECKPOINT_EVERY:
-                due.append(d.request_id)
+            if d.token_ids or d.finish_reason is not None:
+                self._save_progress(pipe, active, d)
             self.metrics.tokens(d.request_id, len(d.token_ids))
             result = self.processor.get(d.request_id)
             done = result is not None and result.finished
@@ -357,37 +382,19 @@ class WorkerService:
             if done and d.request_id not in finished:
                 finished.append(d.request_id)
         for channel, events in by_channel.items():
-            await self.redis.publish(channel, Reply(events=events).model_dump_json())
-        await self._checkpoint(due)
+            pipe.publish(channel, Reply(events=events).model_dump_json())
+        if len(pipe):
+            await pipe.execute()
         for rid in finished:
             await self._complete(rid)
 
-    async def _checkpoint(self, due: list[str]) -> None:
-        """Saves the progress of single-completion requests about every CHECKPOINT_EVERY tokens,
-        at a point where all their text has been released."""
-        pipe = self.redis.pipeline(transaction=False)
-        for rid in due:
-            active = self.active.get(rid)
-            if active is None or active.job.sampling.get("n", 1) != 1:
-                continue
-            sent = active.num_sent.get(0, 0)
-            result = self.processor.get(rid)
-            if result is None:
-                continue
-            out = result.outputs[0]
-            skip = bool(active.job.sampling.get("skip_special_tokens", True))
-            if self.tokenizer.decode(out.token_ids, skip_special_tokens=skip) != out.text:
-                # Text is held back (an unfinished character or a possible stop string). A
-                # resume from here would split the text differently from what the client has;
-                # from a clean boundary the resumed deltas are exactly the ones it would get.
-                continue
-            pipe.set(names.checkpoint(self.model_name, rid),
-                     json.dumps({"token_ids": active.resumed_token_ids + out.token_ids,
-                                 "text": active.resumed_text + out.text}),
-                     ex=self.settings.record_ttl_s)
-            active.checkpointed = sent
-        if len(pipe):
-            await pipe.execute()
+    def _save_progress(self, pipe: Any, active: Active, d: CompletionDelta) -> None:
+        """Appends one completion's step to its request's checkpoint (worker/checkpoint.py)."""
+        key = names.checkpoint(self.model_name, d.request_id)
+        pipe.append(key, checkpoint.line(d.index, d.token_ids, d.finish_reason, d.stop_reason))
+        if not active.checkpoint_expires:
+            pipe.expire(key, self.settings.record_ttl_s)
+            active.checkpoint_expires = True
 
     def _logprobs(self, d: CompletionDelta, job: Job) -> list[dict[str, Any]] | None:
         if d.logprobs is None:
@@ -418,8 +425,7 @@ class WorkerService:
             created=active.job.created, started=active.started, finished=time.time(),
             prompt_token_ids=active.prompt_token_ids,
             completions=[CompletionRecord(
-                index=o.index, text=(active.resumed_text if o.index == 0 else "") + o.text,
-                token_ids=(active.resumed_token_ids if o.index == 0 else []) + o.token_ids,
+                index=o.index, text=o.text, token_ids=o.token_ids,
                 logprobs=None, finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                 for o in result.outputs],
             usage=self._usage(result, active),
@@ -427,7 +433,7 @@ class WorkerService:
         await self._write_record_then_ack(record, active.entry_id)
 
     def _usage(self, result: Any, active: Active) -> Usage:
-        completion = sum(len(o.token_ids) for o in result.outputs) + len(active.resumed_token_ids)
+        completion = sum(len(o.token_ids) for o in result.outputs)
         prompt = len(active.prompt_token_ids)
         return Usage(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion, cached_tokens=result.num_cached_tokens)
@@ -513,8 +519,9 @@ class WorkerService:
                 cancel = Cancel.model_validate_json(message["data"])
             except Exception:
                 continue
-            if cancel.req_id in self.active:
-                self._commands.put(Abort([cancel.req_id]))
+            active = self.active.get(cancel.req_id)
+            if active is not None:
+                self._commands.put(Abort(list(active.engine_ids)))
 
     async def _control_loop(self) -> None:
         """The scaler's orders: "drain" stops intake and finishes in-flight work, then the

@@ -1,0 +1,76 @@
+"""Checkpoint lines and the resume they drive: a replayed completion continues the text its
+client already has, whatever the held-back text or the stop strings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from worker import checkpoint
+from worker.engine.engine import EngineOutput
+from worker.engine.sampling_params import SamplingParams
+from worker.outputs import OutputProcessor
+from worker.tokenizer import Tokenizer
+
+VOCAB = 2048
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> Tokenizer:
+    return Tokenizer.load(tiny_model_dir)
+
+
+def test_lines_parse_back_per_completion() -> None:
+    raw = (checkpoint.line(0, [5, 6], None, None) + checkpoint.line(1, [7], None, None)
+           + checkpoint.line(0, [8], "stop", 2) + checkpoint.line(3, [9], None, None))
+    p0, p1 = checkpoint.parse(raw.encode(), n=2)  # index 3 belongs to no completion: ignored
+    assert (p0.chunks, p0.finish_reason, p0.stop_reason) == ([[5, 6], [8]], "stop", 2)
+    assert (p1.chunks, p1.finish_reason) == ([[7]], None)
+
+
+def test_an_earlier_workers_checkpoint_is_read_as_completion_0() -> None:
+    (p,) = checkpoint.parse(json.dumps({"token_ids": [1, 2, 3], "text": "abc"}), n=1)
+    assert p.chunks == [[1, 2, 3]] and p.finish_reason is None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.lists(st.integers(min_value=0, max_value=VOCAB - 1), min_size=2, max_size=30),
+       cut=st.integers(min_value=1, max_value=29), stop=st.sampled_from([[], ["e"], ["th", "a "]]))
+def test_replay_then_continue_gives_the_clients_text(tokenizer: Tokenizer, ids: list[int],
+                                                    cut: int, stop: list[str]) -> None:
+    """Completion 1 of request "r" runs uninterrupted; a second processor replays its first
+    `cut` tokens (one step each, as published) and gets the rest from a separate engine request
+    routed to it: the client's text is the uninterrupted text."""
+    cut = min(cut, len(ids) - 1)
+    params = SamplingParams(n=2, max_tokens=len(ids), stop=stop)
+    whole = OutputProcessor(tokenizer)
+    whole.add_request("r", None, [1, 2, 3], params)
+    client: list[str] = []
+    for i, t in enumerate(ids):
+        deltas, _ = whole.process([EngineOutput("r", 1, [t], finish_reason="length"
+                                                if i == len(ids) - 1 else None)])
+        client += [d.text for d in deltas if i < cut]
+    full = whole.get("r")
+    assert full is not None
+    if full.outputs[1].finished and len(full.outputs[1].token_ids) <= cut:
+        return  # a stop string ended it before the cut: nothing to resume
+
+    resumed = OutputProcessor(tokenizer)
+    resumed.add_request("r", None, [1, 2, 3], params)
+    out = resumed.replay("r", 1, [[t] for t in ids[:cut]], None, None)
+    assert out.text == "".join(client) and out.token_ids == ids[:cut]
+    resumed.route("r#1", "r", 1)
+    for i, t in enumerate(ids[cut:], start=cut):
+        deltas, stops = resumed.process([EngineOutput("r#1", 0, [t], finish_reason="length"
+                                                      if i == len(ids) - 1 else None)])
+        assert all(d.request_id == "r" and d.index == 1 for d in deltas)
+        assert all(s[:2] == ("r#1", 0) for s in stops)  # the engine's ids, to end it there
+        client += [d.text for d in deltas]
+    assert "".join(client) == full.outputs[1].text
+    done = resumed.pop("r")
+    assert done is not None and done.outputs[1].finish_reason == full.outputs[1].finish_reason
+    assert resumed.owner("r#1") == ("r#1", 0)  # the route went with the request

@@ -1,0 +1,54 @@
+"""A request's progress as its clients saw it, so that another worker can resume it exactly.
+
+One Redis string per request (`names.checkpoint`), appended to in the pipeline that publishes a
+step's events and ahead of the PUBLISH: whatever a client received is in the checkpoint. With
+random sampling a resumed completion must continue from every token its client has, or the
+client's text would splice two generations. Each line is one completion's delta of one step,
+JSON `[index, token_ids]`, with `finish_reason` and `stop_reason` added on its last line. The
+deltas are kept as they were published so that replaying them rebuilds the detokenizer's state,
+held-back text included, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionProgress:
+    """One completion, as far as it was published."""
+
+    chunks: list[list[int]] = field(default_factory=list)  # token ids, one list per step
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+def line(index: int, token_ids: list[int], finish_reason: str | None,
+         stop_reason: int | str | None) -> str:
+    if finish_reason is None:
+        return json.dumps([index, token_ids], separators=(",", ":")) + "\n"
+    return json.dumps([index, token_ids, finish_reason, stop_reason], separators=(",", ":")) + "\n"
+
+
+def parse(raw: bytes | str, n: int) -> list[CompletionProgress]:
+    """The progress of each of a request's `n` completions. A line for an index outside `n` (a
+    checkpoint of some other shape) is ignored."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    progress = [CompletionProgress() for _ in range(n)]
+    if text.startswith("{"):
+        # Written by earlier workers for n == 1: the tokens up to a point with no held-back text.
+        saved = json.loads(text)
+        progress[0].chunks.append(list(saved["token_ids"]))
+        return progress
+    for row in text.splitlines():
+        if not row:
+            continue
+        index, token_ids, *end = json.loads(row)
+        if not 0 <= index < n:
+            continue
+        p = progress[index]
+        p.chunks.append(token_ids)
+        if end:
+            p.finish_reason, p.stop_reason = end
+    return progress
