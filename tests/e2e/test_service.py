@@ -127,6 +127,27 @@ def test_async_job_and_idempotent_resubmit(service: Service) -> None:
     assert view["result"]["choices"][0]["text"] == direct.choices[0].text
 
 
+def test_a_job_reads_running_once_a_worker_started_it(service: Service) -> None:
+    # Long enough (64 tokens, about a second on the CPU) that polls catch it running.
+    body = {"endpoint": "/v1/completions",
+            "body": {"model": "tiny", "prompt": "a long job", "max_tokens": 64,
+                     "ignore_eos": True}}
+    job_id = httpx.post(f"{service.base_url}/v1/jobs", json=body, headers=service.auth()
+                        ).json()["id"]
+    views: list[dict] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not views or views[-1]["status"] != "completed"):
+        views.append(httpx.get(f"{service.base_url}/v1/jobs/{job_id}", headers=service.auth()
+                               ).json())
+        time.sleep(0.02)
+    running = [v for v in views if v["status"] == "running"]
+    assert running, [v["status"] for v in views]
+    assert running[0]["started_at"] is not None and running[0]["finished_at"] is None
+    done = views[-1]
+    assert done["status"] == "completed" and done["started_at"] == running[0]["started_at"]
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+
+
 @pytest.mark.parametrize(("body", "status", "needle"), [
     ("{not json", 400, "not valid JSON"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "colour": 1}, 400,
