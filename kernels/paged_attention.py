@@ -35,6 +35,12 @@ MAX_KV_SPLITS = 16
 # bandwidth at batch 64 x 1k context against 84%): partial results and the merge cost more than
 # the extra parallelism brings at these sizes.
 PROGRAMS_PER_SM = 2
+# Launch shape of the attention kernel; decode steps (one query token per sequence) may differ.
+NUM_WARPS = 4
+NUM_STAGES = 2
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 2
+DECODE_TILE_N = TILE_N
 
 
 @triton.jit
@@ -209,6 +215,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
         raise ValueError(f"num_kv_splits must be a power of two, got {splits}")
     # Upper bound on query blocks: each sequence starts a new block.
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, splits)
+    decode = max_query_len == 1
     if splits > 1:
         part_acc = torch.empty(num_tokens, num_q_heads, splits, head_dim, dtype=torch.float32,
                                device=q.device)
@@ -225,9 +232,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
         keys.stride(0), keys.stride(1), keys.stride(2),
         block_table.stride(0),
         num_q_heads * splits, splits,
-        G=g, BLOCK_SIZE=block_size, TILE=TILE_N, HEAD_DIM=head_dim, BLOCK_M=block_m,
-        BLOCK_Q=block_q, NUM_SPLITS=splits, IEEE_FP32=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        G=g, BLOCK_SIZE=block_size, TILE=DECODE_TILE_N if decode else TILE_N,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=block_q, NUM_SPLITS=splits,
+        IEEE_FP32=q.dtype == torch.float32,
+        num_warps=DECODE_NUM_WARPS if decode else NUM_WARPS,
+        num_stages=DECODE_NUM_STAGES if decode else NUM_STAGES,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
@@ -263,8 +272,10 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, block_tab
             raise ValueError(f"{name} must be contiguous in its last dimension")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous")
+    # Any layout with contiguous head vectors: the kernel reads through strides. The engine
+    # stores each block head-major (a head's block_size vectors side by side) for long reads.
+    if kv_cache.stride(0) != kv_cache[0].numel():
+        raise ValueError("kv_cache keys and values must be its two halves")
     num_seqs = seq_lens.shape[0]
     if block_table.dim() != 2 or block_table.shape[0] != num_seqs:
         raise ValueError(f"block_table must be [num_seqs={num_seqs}, max_blocks]")

@@ -105,3 +105,23 @@ def test_bad_inputs_are_rejected_clearly() -> None:
         paged_attention(batch["q"][:, :3], batch["kv_cache"], out[:, :3], *args, **kw)
     with pytest.raises(ValueError, match="power of two"):
         paged_attention(batch["q"], batch["kv_cache"], out, *args, num_kv_splits=3, **kw)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_head_major_cache_layout(splits: int) -> None:
+    """The engine stores blocks head-major for the kernels; same logical cache, same result."""
+    from worker.engine.runner import kv_cache_tensor
+
+    batch = make_batch(MIXED, 8, 2, head_dim=32, block_size=16, dtype=torch.float32, seed=4)
+    _, num_blocks, block_size, num_kv_heads, head_dim = batch["kv_cache"].shape
+    head_major = kv_cache_tensor(num_blocks, block_size, num_kv_heads, head_dim, torch.float32,
+                                 batch["kv_cache"].device, head_major=True)
+    head_major.copy_(batch["kv_cache"])
+    assert not head_major.is_contiguous()
+    ref = paged_attention_ref(batch["q"], batch["kv_cache"], batch["block_table"],
+                              batch["seq_lens"], batch["query_start_loc"], batch["scale"])
+    out = torch.full_like(batch["q"], float("nan"))
+    paged_attention(batch["q"], head_major, out, batch["block_table"], batch["seq_lens"],
+                    batch["query_start_loc"], max_query_len=batch["max_query_len"],
+                    scale=batch["scale"], num_kv_splits=splits if splits > 1 else None)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-5, rtol=2e-5)

@@ -122,7 +122,8 @@ class Engine:
             model, num_blocks, self.config.block_size, self.device, self.dtype,
             max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
-            cuda_graph_max_batch=self.config.cuda_graph_max_batch if graphs else 0)
+            cuda_graph_max_batch=self.config.cuda_graph_max_batch if graphs else 0,
+            head_major_kv=use_triton)
         log.info("KV cache: %d blocks of %d tokens (%d tokens); max_model_len %d", num_blocks,
                  self.config.block_size, num_blocks * self.config.block_size, self.max_model_len)
         self._children: dict[str, list[Request]] = {}

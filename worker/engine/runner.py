@@ -84,6 +84,18 @@ class StepInputs:
     sample_rows_dev: torch.Tensor | None = None  # sample_rows on the device, set on upload
 
 
+def kv_cache_tensor(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype, device: torch.device, *, head_major: bool) -> torch.Tensor:
+    """A zeroed layer cache, shaped [2, num_blocks, block_size, num_kv_heads, head_dim]; with
+    `head_major` its memory is [2, num_blocks, num_kv_heads, block_size, head_dim]."""
+    if not head_major:
+        return torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+                           device=device)
+    storage = torch.zeros(2, num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype,
+                          device=device)
+    return storage.permute(0, 1, 3, 2, 4)
+
+
 def cuda_graph_buckets(max_batch: int) -> list[int]:
     """Batch sizes to capture: fine steps where batches are small, coarser above."""
     sizes = [1, 2, 4, 8, *range(16, max_batch + 1, 16)]
@@ -150,17 +162,20 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, *, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int,
-                 cuda_graph_max_batch: int = 0) -> None:
+                 cuda_graph_max_batch: int = 0, head_major_kv: bool = False) -> None:
         cfg = model.config
         self.model = model
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        # One tensor per layer: [2 (k, v), num_blocks, block_size, num_kv_heads, head_dim].
+        # One tensor per layer, seen as [2 (k, v), num_blocks, block_size, num_kv_heads,
+        # head_dim]. The Triton kernels read it through strides, and for them each block is
+        # stored head-major: one KV head's block_size vectors are contiguous, so a decode program
+        # streams whole kilobytes instead of gathering one head_dim vector per token.
         self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                        dtype=dtype, device=device)
+            kv_cache_tensor(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
+                            device, head_major=head_major_kv)
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler(cfg.vocab_size)
