@@ -193,12 +193,26 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                  "retry shortly", retry_after_s=1)
         metrics.requests_queued(job.model)
 
-    async def cancel(model: str, req_id: str) -> None:
-        await state["redis"].set(names.cancelled(model, req_id), 1, ex=settings.record_ttl_s)
+    # Marks a request cancelled unless its record exists: one that already ended keeps no
+    # marker for an hour. A script, so no record can land between the check and the mark (one
+    # that lands after it clears the mark: the worker deletes it with the job's ack).
+    mark_cancelled = """
+        if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+        redis.call('SET', KEYS[2], 1, 'EX', ARGV[1])
+        return 1"""
+
+    async def cancel(model: str, req_id: str) -> bool:
+        """Cancels a request that has not ended; False (and nothing done) if it has."""
+        marked = await state["redis"].eval(
+            mark_cancelled, 2, names.request_record(model, req_id),
+            names.cancelled(model, req_id), settings.record_ttl_s)
+        if not marked:
+            return False
         await state["redis"].publish(names.cancel_channel(model),
                                      Cancel(req_id=req_id).model_dump_json())
+        return True
 
-    background: set[asyncio.Task[None]] = set()
+    background: set[asyncio.Task[Any]] = set()
 
     def cancel_soon(model: str, req_id: str) -> None:
         """Cancels from a task of its own: called while the request's own task is being
@@ -413,15 +427,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def get_job(job_id: str, tenant_id: Tenant) -> JSONResponse:
         meta = await job_meta(job_id, tenant_id)
         record = await read_record(meta["model"], job_id)
-        if record is None:
-            pipe = state["redis"].pipeline(transaction=False)
-            pipe.exists(names.cancelled(meta["model"], job_id))
-            pipe.get(names.started(meta["model"], job_id))
-            cancelled, raw_started = await pipe.execute()
-            started = Started.model_validate_json(raw_started).started if raw_started else None
-            status = "cancelling" if cancelled else "queued" if started is None else "running"
-            return JSONResponse(_job_view(job_id, meta["model"], status, None,
-                                          created=meta.get("created"), started=started))
+        if record is not None:
+            return JSONResponse(ended_job_view(job_id, meta, record))
+        pipe = state["redis"].pipeline(transaction=False)
+        pipe.exists(names.cancelled(meta["model"], job_id))
+        pipe.get(names.started(meta["model"], job_id))
+        cancelled, raw_started = await pipe.execute()
+        started = Started.model_validate_json(raw_started).started if raw_started else None
+        status = "cancelling" if cancelled else "queued" if started is None else "running"
+        return JSONResponse(_job_view(job_id, meta["model"], status, None,
+                                      created=meta.get("created"), started=started))
+
+    def ended_job_view(job_id: str, meta: dict[str, Any], record: RequestRecord
+                       ) -> dict[str, Any]:
         result = None
         if record.status == "completed":
             body = meta["body"]
@@ -433,13 +451,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                          finished=record.finished)
         if record.error:
             view["error"] = {"message": record.error, "type": record.error_type or "server_error"}
-        return JSONResponse(view)
+        return view
 
     @app.delete("/v1/jobs/{job_id}")
     async def delete_job(job_id: str, tenant_id: Tenant) -> JSONResponse:
+        """Cancels a job; one that has already ended is left as it is and shown as it ended."""
         meta = await job_meta(job_id, tenant_id)
-        await cancel(meta["model"], job_id)
-        return JSONResponse(_job_view(job_id, meta["model"], "cancelling", None))
+        if await cancel(meta["model"], job_id):
+            return JSONResponse(_job_view(job_id, meta["model"], "cancelling", None,
+                                          created=meta.get("created")))
+        record = await read_record(meta["model"], job_id)
+        if record is None:  # ended and its record expired meanwhile: nothing left to cancel
+            raise NotFoundError(f"no job {job_id!r}", param="id")
+        return JSONResponse(ended_job_view(job_id, meta, record))
 
     @app.get("/v1/models")
     async def list_models(tenant_id: Tenant) -> dict[str, Any]:

@@ -459,7 +459,9 @@ class WorkerService:
         # Acknowledged entries leave the stream, so its length is the unfinished backlog, which
         # admission reads (Redis 6.2 reports no consumer-group lag).
         pipe.xdel(self.stream, entry_id)
-        pipe.delete(names.checkpoint(self.model_name, record.id))
+        # A cancel that raced the record is moot now: no marker should outlive the request.
+        pipe.delete(names.checkpoint(self.model_name, record.id),
+                    names.cancelled(self.model_name, record.id))
         await pipe.execute()
 
     # -- recovery --------------------------------------------------------------------------

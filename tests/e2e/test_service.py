@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 import httpx
 import openai
 import pytest
+import redis
 
+from shared import names
 from worker import LLM, SamplingParams
 
 if TYPE_CHECKING:  # the `service` fixture comes from tests/e2e/conftest.py
@@ -146,6 +148,36 @@ def test_a_job_reads_running_once_a_worker_started_it(service: Service) -> None:
     done = views[-1]
     assert done["status"] == "completed" and done["started_at"] == running[0]["started_at"]
     assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+
+
+def test_a_cancelled_job_leaves_no_marker_behind(service: Service) -> None:
+    """Cancelled while it runs, a job ends "cancelled" and its marker goes with its record; a
+    DELETE after that answers the final state and marks nothing again."""
+    body = {"endpoint": "/v1/completions",
+            "body": {"model": "tiny", "prompt": "cancel me", "max_tokens": 1500,
+                     "ignore_eos": True}}
+    url = f"{service.base_url}/v1/jobs"
+    job_id = httpx.post(url, json=body, headers=service.auth()).json()["id"]
+    marker = names.cancelled("tiny", job_id)
+    r = redis.Redis.from_url(service.redis_url)
+    try:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/{job_id}", headers=service.auth()).json()["status"] != "running":
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.02)
+        assert httpx.delete(f"{url}/{job_id}", headers=service.auth()).json()["status"] in (
+            "cancelling", "cancelled")
+        while (view := httpx.get(f"{url}/{job_id}", headers=service.auth()).json()
+               )["status"] == "cancelling":
+            assert time.monotonic() < deadline, "the cancel never took"
+            time.sleep(0.02)
+        assert view["status"] == "cancelled"
+        assert not r.exists(marker)
+        again = httpx.delete(f"{url}/{job_id}", headers=service.auth())
+        assert again.status_code == 200 and again.json()["status"] == "cancelled"
+        assert not r.exists(marker)
+    finally:
+        r.close()
 
 
 @pytest.mark.parametrize(("body", "status", "needle"), [
