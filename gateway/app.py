@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -76,6 +77,15 @@ local depth = redis.call('XLEN', KEYS[1])
 if depth >= tonumber(ARGV[1]) then return depth end
 return redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[3])
 """
+
+
+async def _get_within(queue: asyncio.Queue[Event], timeout_s: float) -> Event:
+    """queue.get() with a time limit. asyncio.timeout (3.11+) arms a timer on the running task;
+    wait_for, once per streamed step, would wrap the get in a task of its own."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout_s):
+            return await queue.get()
+    return await asyncio.wait_for(queue.get(), timeout=timeout_s)
 
 
 class BodyLimitAndMetrics:
@@ -295,7 +305,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if remaining <= 0:
             raise RequestTimeoutError("the request did not finish within the gateway's timeout")
         try:
-            return await asyncio.wait_for(queue.get(), timeout=min(timeout_s, remaining))
+            return await _get_within(queue, min(timeout_s, remaining))
         except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             return None
 

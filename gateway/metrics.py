@@ -70,13 +70,16 @@ class StreamClock:
         self.model = model
         self.start = time.perf_counter()
         self.last: float | None = None
+        # Looked up once: a labels() call per token is a measurable share of a stream's cost.
+        self._ttft = TTFT.labels(model)
+        self._itl = ITL.labels(model)
 
     def tick(self) -> None:
         now = time.perf_counter()
         if self.last is None:
-            TTFT.labels(self.model).observe(now - self.start)
+            self._ttft.observe(now - self.start)
         else:
-            ITL.labels(self.model).observe(now - self.last)
+            self._itl.observe(now - self.last)
         self.last = now
 
 
