@@ -66,7 +66,6 @@ class Active:
     num_sent: dict[int, int] = field(default_factory=dict)  # tokens published per completion
     # Its requests in the engine: its own id, or one per completion resumed from a checkpoint.
     engine_ids: list[str] = field(default_factory=list)
-    checkpoint_expires: bool = False  # this delivery has set its checkpoint's TTL
     started: float | None = None  # when a worker first started it, for its record
 
 
@@ -356,9 +355,8 @@ class WorkerService:
     async def _publish(self, deltas: list[CompletionDelta]) -> None:
         by_channel: dict[str, list[Event]] = {}
         finished: list[str] = []
-        # The checkpoint lines go ahead of the PUBLISHes in one pipeline: a client never holds
-        # tokens that a resumed request would not continue from.
-        pipe = self.redis.pipeline(transaction=False)
+        ckpt_keys: list[str] = []
+        ckpt_lines: list[str] = []
         for d in deltas:
             active = self.active.get(d.request_id)
             if active is None:
@@ -366,7 +364,9 @@ class WorkerService:
             seq = active.num_sent.get(d.index, 0)
             active.num_sent[d.index] = seq + len(d.token_ids)
             if d.token_ids or d.finish_reason is not None:
-                self._save_progress(pipe, active, d)
+                ckpt_keys.append(names.checkpoint(self.model_name, d.request_id))
+                ckpt_lines.append(checkpoint.line(d.index, d.token_ids, d.finish_reason,
+                                                  d.stop_reason))
             self.metrics.tokens(d.request_id, len(d.token_ids))
             result = self.processor.get(d.request_id)
             done = result is not None and result.finished
@@ -381,20 +381,18 @@ class WorkerService:
                 by_channel.setdefault(active.job.reply_channel, []).append(event)
             if done and d.request_id not in finished:
                 finished.append(d.request_id)
+        # The checkpoint lines go ahead of the PUBLISHes in one pipeline: a client never holds
+        # tokens that a resumed request would not continue from.
+        pipe = self.redis.pipeline(transaction=False)
+        if ckpt_keys:
+            pipe.eval(checkpoint.APPEND_SCRIPT, len(ckpt_keys), *ckpt_keys, *ckpt_lines,
+                      self.settings.record_ttl_s)
         for channel, events in by_channel.items():
             pipe.publish(channel, Reply(events=events).model_dump_json())
         if len(pipe):
             await pipe.execute()
         for rid in finished:
             await self._complete(rid)
-
-    def _save_progress(self, pipe: Any, active: Active, d: CompletionDelta) -> None:
-        """Appends one completion's step to its request's checkpoint (worker/checkpoint.py)."""
-        key = names.checkpoint(self.model_name, d.request_id)
-        pipe.append(key, checkpoint.line(d.index, d.token_ids, d.finish_reason, d.stop_reason))
-        if not active.checkpoint_expires:
-            pipe.expire(key, self.settings.record_ttl_s)
-            active.checkpoint_expires = True
 
     def _logprobs(self, d: CompletionDelta, job: Job) -> list[dict[str, Any]] | None:
         if d.logprobs is None:

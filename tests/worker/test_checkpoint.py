@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared import names
 from worker import checkpoint
 from worker.engine.engine import EngineOutput
 from worker.engine.sampling_params import SamplingParams
@@ -74,3 +76,18 @@ def test_replay_then_continue_gives_the_clients_text(tokenizer: Tokenizer, ids: 
     done = resumed.pop("r")
     assert done is not None and done.outputs[1].finish_reason == full.outputs[1].finish_reason
     assert resumed.owner("r#1") == ("r#1", 0)  # the route went with the request
+
+
+def test_one_script_call_appends_a_step_for_every_request(redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    keys = [names.checkpoint("tiny", "a"), names.checkpoint("tiny", "b")]
+    r.eval(checkpoint.APPEND_SCRIPT, 3, keys[0], keys[1], keys[0],
+           checkpoint.line(0, [1], None, None), checkpoint.line(1, [2, 3], None, None),
+           checkpoint.line(1, [4], "length", None), 60)
+    r.eval(checkpoint.APPEND_SCRIPT, 1, keys[1], checkpoint.line(1, [5], "stop", "\n"), 60)
+    a0, a1 = checkpoint.parse(r.get(keys[0]) or b"", n=2)
+    assert a0.chunks == [[1]] and (a1.chunks, a1.finish_reason) == ([[4]], "length")
+    (b,) = checkpoint.parse(r.get(keys[1]) or b"", n=2)[1:]
+    assert (b.chunks, b.finish_reason, b.stop_reason) == ([[2, 3], [5]], "stop", "\n")
+    assert all(0 < r.ttl(k) <= 60 for k in keys)
+    r.close()
