@@ -99,6 +99,7 @@ class Stream:
         self.chunks: dict[int, list[str]] = {}
         self.errors: list[BaseException] = []
         self.request_id = ""
+        self.usage: dict[str, int] | None = None  # with stream_options.include_usage
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._read, args=(port, body), daemon=True)
         self._thread.start()
@@ -120,6 +121,7 @@ class Stream:
                         event = json.loads(line[6:])
                         if "error" in event:
                             raise RuntimeError(event["error"])
+                        self.usage = event.get("usage") or self.usage
                         for c in event["choices"]:
                             self.chunks.setdefault(c["index"], []).append(c["text"])
         except BaseException as e:
@@ -160,7 +162,8 @@ def test_killed_worker_sampled_n2_resumes_each_completion(tmp_path: Path,
         assert warm_up.status_code == 200, warm_up.text
         stream = Stream(crash.port, {"model": "tiny", "prompt": PROMPT, "n": 2,
                                      "max_tokens": NUM_TOKENS, "temperature": 1.0,
-                                     "ignore_eos": True})
+                                     "ignore_eos": True,
+                                     "stream_options": {"include_usage": True}})
         _wait(lambda: min(len(stream.chunks.get(i, [])) for i in (0, 1)) >= 40, 60,
               "the first tokens of both completions")
         crash.kill_a_then_start_b()
@@ -175,3 +178,4 @@ def test_killed_worker_sampled_n2_resumes_each_completion(tmp_path: Path,
             assert stream.text(c["index"]) == c["text"]  # the client's text is one generation
         assert sorted(c["index"] for c in record["completions"]) == [0, 1]
         assert record["usage"]["completion_tokens"] == 2 * NUM_TOKENS
+        assert stream.usage is not None and stream.usage["completion_tokens"] == 2 * NUM_TOKENS
