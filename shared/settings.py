@@ -198,6 +198,9 @@ class WorkerSettings(_Settings):
     max_deliveries: int = Field(default=3, ge=1)  # after this many, a job goes to the dead letters
     record_ttl_s: int = Field(default=3600, ge=1)
     read_batch: int = Field(default=16, ge=1)
+    # Where requests without a seed draw from; None: a random seed per worker process, so
+    # replicas (and restarts) do not repeat each other's "random" tokens.
+    seed: int | None = Field(default=None, ge=0)
 
     @field_validator("redis_url")
     @classmethod

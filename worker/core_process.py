@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
 from worker.engine.engine import EngineOutput, EngineStats
 from worker.engine.sampling_params import SamplingParams
 
@@ -73,6 +75,19 @@ class Failed:
     message: str
 
 
+def seed_unseeded_sampling(seed: int | None) -> int:
+    """Seeds the generator that requests without a seed draw from; None picks a random seed.
+
+    The engine seeds everything with a fixed value while it builds the model (dummy weights
+    must match across replicas), which would leave every worker, and every restart of one,
+    drawing the same "random" tokens for the same unseeded request.
+    """
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    return seed
+
+
 def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue) -> None:
     """Process entry point: builds the engine, then steps while there is work."""
     from worker.engine.config import EngineConfig
@@ -84,9 +99,11 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parent = os.getppid()  # before the slow engine start, during which the front may die
+    sampling_seed = engine_args.pop("sampling_seed", None)
     try:
         config = EngineConfig(**engine_args.pop("config"))
         engine = Engine(config=config, **engine_args)
+        seed_unseeded_sampling(sampling_seed)
     except Exception as e:  # the front reports it and exits
         log.exception("engine failed to start")
         results.put(Failed(f"{type(e).__name__}: {e}"))

@@ -169,7 +169,7 @@ class WorkerService:
         if s.kv_cache_memory_bytes is not None:
             config["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
         args = {"model_dir": str(self.model_dir), "device": s.device, "dtype": s.dtype,
-                "load_format": s.load_format, "config": config}
+                "load_format": s.load_format, "config": config, "sampling_seed": s.seed}
         self._core = self._ctx.Process(target=run_core, args=(args, self._commands, self._results),
                                        name="sluice-engine-core", daemon=True)
         self._core.start()
