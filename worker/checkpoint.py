@@ -19,11 +19,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-# KEYS: checkpoints; ARGV: a line for each, then the TTL in seconds (kept fresh as it grows).
+# KEYS: checkpoints (a key twice for two completions); ARGV[1]: their lines concatenated, one
+# per key in order, each ending in a newline; ARGV[2]: the TTL in seconds (kept fresh as it
+# grows). One packed argument rather than one per line: the front encodes every argument in
+# Python, each step, for every request.
 APPEND_SCRIPT = """
-for i, key in ipairs(KEYS) do
-    redis.call('APPEND', key, ARGV[i])
-    redis.call('EXPIRE', key, ARGV[#KEYS + 1])
+local data, pos = ARGV[1], 1
+for _, key in ipairs(KEYS) do
+    local stop = string.find(data, '\\n', pos, true)
+    redis.call('APPEND', key, string.sub(data, pos, stop))
+    redis.call('EXPIRE', key, ARGV[2])
+    pos = stop + 1
 end"""
 
 

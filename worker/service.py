@@ -392,7 +392,7 @@ class WorkerService:
         # tokens that a resumed request would not continue from.
         pipe = self.redis.pipeline(transaction=False)
         if ckpt_keys:
-            pipe.eval(checkpoint.APPEND_SCRIPT, len(ckpt_keys), *ckpt_keys, *ckpt_lines,
+            pipe.eval(checkpoint.APPEND_SCRIPT, len(ckpt_keys), *ckpt_keys, "".join(ckpt_lines),
                       self.settings.record_ttl_s)
         for channel, events in by_channel.items():
             pipe.publish(channel, json.dumps({"events": events}, separators=(",", ":")))

@@ -82,8 +82,8 @@ def test_one_script_call_appends_a_step_for_every_request(redis_url: str) -> Non
     r = redis.Redis.from_url(redis_url)
     keys = [names.checkpoint("tiny", "a"), names.checkpoint("tiny", "b")]
     r.eval(checkpoint.APPEND_SCRIPT, 3, keys[0], keys[1], keys[0],
-           checkpoint.line(0, [1], None, None), checkpoint.line(1, [2, 3], None, None),
-           checkpoint.line(1, [4], "length", None), 60)
+           checkpoint.line(0, [1], None, None) + checkpoint.line(1, [2, 3], None, None)
+           + checkpoint.line(1, [4], "length", None), 60)
     r.eval(checkpoint.APPEND_SCRIPT, 1, keys[1], checkpoint.line(1, [5], "stop", "\n"), 60)
     a0, a1 = checkpoint.parse(r.get(keys[0]) or b"", n=2)
     assert a0.chunks == [[1]] and (a1.chunks, a1.finish_reason) == ([[4]], "length")
