@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
 from shared.messages import Event, Reply
+from shared.resilient import run_resilient
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,7 @@ class ReplyRouter:
 
     async def _run(self) -> None:
         # Redis may restart under a running gateway: subscribe again rather than go deaf.
-        delay_s = 0.1
-        while True:
-            started = time.monotonic()
-            try:
-                await self._listen()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                if time.monotonic() - started > 30:
-                    delay_s = 0.1  # it had been listening fine: a new outage starts over
-                log.warning("reply channel %s lost (%s: %s); subscribing again in %.1f s",
-                            self.channel, type(e).__name__, e, delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 5.0)
+        await run_resilient(self._listen, f"reply channel {self.channel}", log)
 
     async def _listen(self) -> None:
         pubsub = self.redis.pubsub()

@@ -16,13 +16,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from shared import names
 from shared.messages import (
@@ -35,6 +34,7 @@ from shared.messages import (
     Started,
     Usage,
 )
+from shared.resilient import run_resilient
 from shared.settings import WorkerSettings
 from worker import checkpoint
 from worker.core_process import (
@@ -112,9 +112,11 @@ class WorkerService:
         self.state = "ready"
         log.info("worker %s serving %s from %s (queue %s)", self.settings.worker_id,
                  self.model_name, self.model_dir, self.stream)
-        tasks = [asyncio.create_task(self._resilient(loop_fn)) for loop_fn in (
-            self._pull_loop, self._result_loop, self._heartbeat_loop, self._cancel_loop,
-            self._claim_loop, self._control_loop)]
+        # Each loop restarts after an error (Redis restarted, say) rather than leaving the
+        # worker alive but deaf.
+        tasks = [asyncio.create_task(run_resilient(loop_fn, loop_fn.__name__, log))
+                 for loop_fn in (self._pull_loop, self._result_loop, self._heartbeat_loop,
+                                 self._cancel_loop, self._claim_loop, self._control_loop)]
         await self._draining.wait()
         self.state = "draining"
         await self._heartbeat()
@@ -136,25 +138,6 @@ class WorkerService:
         self._core.join(timeout=10)
         await self.redis.aclose()
         log.info("worker %s stopped", self.settings.worker_id)
-
-    async def _resilient(self, loop_fn: Callable[[], Awaitable[None]]) -> None:
-        """Runs one of the worker's loops, restarting it after an error (Redis restarted or
-        unreachable, say) instead of leaving the worker alive but deaf."""
-        delay_s = 0.1
-        while True:
-            started = time.monotonic()
-            try:
-                await loop_fn()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                if time.monotonic() - started > 30:
-                    delay_s = 0.1  # it had been running fine: a new outage starts over
-                log.warning("%s stopped (%s: %s); restarting it in %.1f s", loop_fn.__name__,
-                            type(e).__name__, e, delay_s, exc_info=not isinstance(e, RedisError))
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 5.0)
 
     def drain(self) -> None:
         """Stop reading jobs, finish what is running, exit."""
