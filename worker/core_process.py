@@ -75,6 +75,16 @@ class Failed:
     message: str
 
 
+def drain(commands: mp.Queue) -> list[Any]:
+    """Every command already queued, without waiting."""
+    out = []
+    while True:
+        try:
+            out.append(commands.get_nowait())
+        except queue.Empty:
+            return out
+
+
 def seed_unseeded_sampling(seed: int | None) -> int:
     """Seeds the generator that requests without a seed draw from; None picks a random seed.
 
@@ -129,11 +139,7 @@ def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue)
                 if os.getppid() != parent:
                     log.warning("the worker front is gone; the engine core exits")
                     return
-        while True:
-            try:
-                pending.append(commands.get_nowait())
-            except queue.Empty:
-                break
+        pending += drain(commands)
         for cmd in pending:
             if isinstance(cmd, Shutdown):
                 return

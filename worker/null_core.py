@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import queue
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from worker.core_process import (
     Shutdown,
     StepResult,
     StopCompletion,
+    drain,
 )
 from worker.engine.engine import EngineOutput, EngineStats
 
@@ -200,11 +200,7 @@ def run_null_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Q
         idle = not core.has_unfinished()
         # Idle: block for the next command instead of spinning.
         pending = [commands.get()] if idle else []
-        while True:
-            try:
-                pending.append(commands.get_nowait())
-            except queue.Empty:
-                break
+        pending += drain(commands)
         for cmd in pending:
             if isinstance(cmd, Shutdown):
                 return
