@@ -75,6 +75,8 @@ def test_job_failing_every_delivery_goes_to_dead_letters(tmp_path: Path,
                     _env(server, SLUICE_CLAIM_IDLE_MS="200", SLUICE_MAX_DELIVERIES="2"))
     try:
         _wait(lambda: r.xlen(names.dead_letters("tiny")) == 1, 120, "the dead letter")
+        # The dead letter is written first, the failed record just after it.
+        _wait(lambda: r.exists(names.request_record("tiny", "poison-1")), 10, "the record")
         record = json.loads(r.get(names.request_record("tiny", "poison-1")))
         assert record["status"] == "failed" and "set aside" in record["error"]
         assert r.xpending(stream, names.WORKER_GROUP)["pending"] == 0
