@@ -25,6 +25,7 @@ import cProfile
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shared.settings import WorkerSettings, load_settings
@@ -41,17 +42,14 @@ class NullWorkerService(WorkerService):
         self.null_step_s = null_step_s
         self.null_token_id = null_token_id
 
-    def _start_core(self) -> None:
+    def _core_spec(self) -> tuple[Callable[[dict[str, Any], Any, Any], None], dict[str, Any], str]:
         s = self.settings
         config: dict[str, Any] = {"max_num_seqs": s.max_num_seqs,
                                   "max_num_batched_tokens": s.max_num_batched_tokens,
                                   "max_model_len": s.max_model_len}
         args = {"model_dir": str(self.model_dir), "config": config,
                 "null_step_s": self.null_step_s, "null_token_id": self.null_token_id}
-        self._core = self._ctx.Process(target=run_null_core,
-                                       args=(args, self._commands, self._results),
-                                       name="sluice-null-core", daemon=True)
-        self._core.start()
+        return run_null_core, args, "sluice-null-core"
 
 
 def _parser() -> argparse.ArgumentParser:

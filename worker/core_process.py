@@ -7,10 +7,10 @@ work there never stalls the step loop here, and this loop never waits on the net
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from worker.engine.engine import EngineOutput, EngineStats
 from worker.engine.sampling_params import SamplingParams
+from worker.pipe import BlockingReader, BlockingWriter
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Failed:
     message: str
 
 
-def drain(commands: mp.Queue) -> list[Any]:
+def drain(commands: Any) -> list[Any]:
     """Every command already queued, without waiting."""
     out = []
     while True:
@@ -98,7 +99,17 @@ def seed_unseeded_sampling(seed: int | None) -> int:
     return seed
 
 
-def run_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue) -> None:
+def core_main(target: Callable[[dict[str, Any], Any, Any], None], engine_args: dict[str, Any],
+              command_conn: Any, result_conn: Any) -> None:
+    """Process entry point: runs `target` (`run_core`, or a stand-in with its protocol) on the
+    two pipe ends the front made (`worker/pipe.py`)."""
+    try:
+        target(engine_args, BlockingReader(command_conn), BlockingWriter(result_conn))
+    except EOFError:  # the front closed its end: nobody is left to serve
+        log.warning("the worker front is gone; the engine core exits")
+
+
+def run_core(engine_args: dict[str, Any], commands: Any, results: Any) -> None:
     """Process entry point: builds the engine, then steps while there is work."""
     from worker.engine.config import EngineConfig
     from worker.engine.engine import Engine

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -183,7 +182,7 @@ def build_null_core(engine_args: dict[str, Any]) -> NullCore:
                     token_id=int(engine_args.get("null_token_id", DEFAULT_TOKEN_ID)))
 
 
-def run_null_core(engine_args: dict[str, Any], commands: mp.Queue, results: mp.Queue) -> None:
+def run_null_core(engine_args: dict[str, Any], commands: Any, results: Any) -> None:
     """Process entry point with `run_core`'s signature and protocol; see the module docstring."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     step_s = float(engine_args.get("null_step_s", 0.0))

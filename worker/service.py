@@ -14,8 +14,8 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ from worker.core_process import (
     Shutdown,
     StepResult,
     StopCompletion,
+    core_main,
     run_core,
 )
 from worker.engine.engine import EngineStats
@@ -53,6 +54,7 @@ from worker.engine.sampling_params import SamplingParams
 from worker.metrics import WorkerMetrics
 from worker.models.registry import resolve_model
 from worker.outputs import CompletionDelta, Logprob, OutputProcessor
+from worker.pipe import LoopReader, LoopWriter, make_pipe
 from worker.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,9 +84,9 @@ class WorkerService:
         self.state = "starting"
         self.stream = names.queue(self.model_name)
         self._ctx = mp.get_context("spawn")
-        self._commands: Any = self._ctx.Queue()
-        self._results: Any = self._ctx.Queue()
+        self._commands: Any = None  # a LoopWriter once the core starts
         self._core: Any = None
+        self._core_lost = False  # the core process ended under us
         self._step_results: asyncio.Queue[Any] = asyncio.Queue()
         self._draining = asyncio.Event()
         self._exit = asyncio.Event()  # set by SIGTERM: exit once drained
@@ -97,8 +99,7 @@ class WorkerService:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.drain)
-        self._start_core()
-        threading.Thread(target=self._pump_results, args=(loop,), daemon=True).start()
+        self._start_core(loop)
         ready = await self._step_results.get()
         if isinstance(ready, Failed):
             raise RuntimeError(f"engine failed to start: {ready.message}")
@@ -121,7 +122,7 @@ class WorkerService:
         self.state = "draining"
         await self._heartbeat()
         log.info("draining: %d requests in flight", len(self.active))
-        while self.active:
+        while self.active and not self._core_lost:
             await asyncio.sleep(0.05)
         if not self._exit.is_set():
             # Drained on the scaler's request: stay, idle and visible as "drained", until the
@@ -137,6 +138,9 @@ class WorkerService:
         self._commands.put(Shutdown())
         self._core.join(timeout=10)
         await self.redis.aclose()
+        if self._core_lost:
+            # Its unfinished jobs stay pending in the stream: another worker claims them.
+            raise RuntimeError(f"worker {self.settings.worker_id}: the engine core exited")
         log.info("worker %s stopped", self.settings.worker_id)
 
     def drain(self) -> None:
@@ -144,7 +148,8 @@ class WorkerService:
         self._exit.set()
         self._draining.set()
 
-    def _start_core(self) -> None:
+    def _core_spec(self) -> tuple[Callable[[dict[str, Any], Any, Any], None], dict[str, Any], str]:
+        """What the core process runs: its loop, that loop's engine_args, the process name."""
         s = self.settings
         config: dict[str, Any] = {"max_num_seqs": s.max_num_seqs,
                                   "max_num_batched_tokens": s.max_num_batched_tokens,
@@ -153,18 +158,26 @@ class WorkerService:
             config["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
         args = {"model_dir": str(self.model_dir), "device": s.device, "dtype": s.dtype,
                 "load_format": s.load_format, "config": config, "sampling_seed": s.seed}
-        self._core = self._ctx.Process(target=run_core, args=(args, self._commands, self._results),
-                                       name="sluice-engine-core", daemon=True)
-        self._core.start()
+        return run_core, args, "sluice-engine-core"
 
-    def _pump_results(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Thread: moves the core's results onto the event loop."""
-        while True:
-            try:
-                item = self._results.get()
-            except (EOFError, OSError):
-                return
-            loop.call_soon_threadsafe(self._step_results.put_nowait, item)
+    def _start_core(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Starts the core process, linked by two pipes that this event loop reads and writes
+        itself: no thread between them, so a message costs one wake-up (`worker/pipe.py`)."""
+        target, args, name = self._core_spec()
+        cmd_r, cmd_w = make_pipe(self._ctx)
+        res_r, res_w = make_pipe(self._ctx)
+        self._core = self._ctx.Process(target=core_main, args=(target, args, cmd_r, res_w),
+                                       name=name, daemon=True)
+        self._core.start()
+        # The child holds its own copies: closing ours lets each side see the other's exit.
+        cmd_r.close()
+        res_w.close()
+        self._commands = LoopWriter(cmd_w, loop)
+        LoopReader(res_r, loop, self._step_results.put_nowait, self._on_core_exit)
+
+    def _on_core_exit(self) -> None:
+        self._core_lost = True
+        self._step_results.put_nowait(Failed("the engine core process exited"))
 
     async def _ensure_group(self) -> None:
         try:

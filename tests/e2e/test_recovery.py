@@ -179,3 +179,33 @@ def test_killed_worker_sampled_n2_resumes_each_completion(tmp_path: Path,
         assert sorted(c["index"] for c in record["completions"]) == [0, 1]
         assert record["usage"]["completion_tokens"] == 2 * NUM_TOKENS
         assert stream.usage is not None and stream.usage["completion_tokens"] == 2 * NUM_TOKENS
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the core through /proc")
+def test_killed_engine_core_takes_its_front_down_and_the_request_resumes(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A front whose engine core died must not stay up: its heartbeat would keep its jobs
+    from being claimed, and they would never finish."""
+    expected = LLM(str(tiny_model_dir), device="cpu", kv_cache_memory_bytes=2**24).generate(
+        PROMPT, SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].text
+    with _crash_site(tmp_path, tiny_model_dir) as crash:
+        front = crash.procs["a"]
+        stream = Stream(crash.port, {"model": "tiny", "prompt": PROMPT, "max_tokens": NUM_TOKENS,
+                                     "temperature": 0.0, "ignore_eos": True})
+        _wait(lambda: stream.num_chunks() >= 40, 60, "the first tokens")
+        (core,) = [c for c in _children(front.pid)  # the one child the front spawned
+                   if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        os.kill(core, signal.SIGKILL)
+        killed_at = stream.num_chunks()
+        assert front.wait(timeout=15) != 0, "the front outlived its engine core"
+        crash.procs["b"] = _start([*crash.worker_cmd, "--worker-id", "worker-b"], crash.env)
+        assert stream.done.wait(120), "the stream never finished after the core died"
+        assert not stream.errors, stream.errors
+        assert killed_at < NUM_TOKENS, "the request finished before the kill; nothing tested"
+        assert stream.text(0) == expected

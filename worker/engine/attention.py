@@ -147,7 +147,6 @@ class TritonAttentionBackend:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         from kernels.kv_cache import write_kv_cache
-
         from kernels.paged_attention import paged_attention
 
         self._write = write_kv_cache
