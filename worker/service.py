@@ -277,7 +277,7 @@ class WorkerService:
         for add in adds:
             self._commands.put(add)
         if not adds:  # every completion had ended; the worker died before writing the record
-            await self._complete(job.id)
+            await self._write_records_then_ack([self._finish(job.id)])
 
     def _resume(self, active: Active, params: SamplingParams,
                 progress: list[checkpoint.CompletionProgress]) -> list[AddRequest]:
@@ -394,8 +394,8 @@ class WorkerService:
             pipe.publish(channel, json.dumps({"events": events}, separators=(",", ":")))
         if len(pipe):
             await pipe.execute()
-        for rid in finished:
-            await self._complete(rid)
+        if finished:  # one round trip for every request this step ended
+            await self._write_records_then_ack([self._finish(rid) for rid in finished])
 
     def _logprobs(self, d: CompletionDelta, job: Job) -> list[dict[str, Any]] | None:
         if d.logprobs is None:
@@ -410,11 +410,12 @@ class WorkerService:
                         "logprob": chosen.logprob, "top": [list(t) for t in top[:k]]})
         return out
 
-    async def _complete(self, rid: str) -> None:
+    def _finish(self, rid: str) -> tuple[RequestRecord, str] | None:
+        """Forgets an ended request; its record and stream entry, for the caller to write."""
         active = self.active.pop(rid, None)
         result = self.processor.pop(rid)
         if active is None or result is None:
-            return
+            return None
         reasons = {o.finish_reason for o in result.outputs}
         self.metrics.finished(rid, result.outputs[0].finish_reason or "abort",
                               sum(len(o.token_ids) for o in result.outputs))
@@ -431,7 +432,7 @@ class WorkerService:
                 for o in result.outputs],
             usage=self._usage(result, active),
             error=next((o.error for o in result.outputs if o.error), None))
-        await self._write_record_then_ack(record, active.entry_id)
+        return record, active.entry_id
 
     def _usage(self, result: Any, active: Active) -> Usage:
         completion = sum(len(o.token_ids) for o in result.outputs)
@@ -452,17 +453,31 @@ class WorkerService:
         await self._write_record_then_ack(record, entry_id)
 
     async def _write_record_then_ack(self, record: RequestRecord, entry_id: str) -> None:
-        # Record first: a crash between the two leaves the job pending, never lost.
-        await self.redis.set(names.request_record(self.model_name, record.id),
-                             record.model_dump_json(), ex=self.settings.record_ttl_s)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(self.stream, names.WORKER_GROUP, entry_id)
-        # Acknowledged entries leave the stream, so its length is the unfinished backlog, which
-        # admission reads (Redis 6.2 reports no consumer-group lag).
-        pipe.xdel(self.stream, entry_id)
-        # A cancel that raced the record is moot now: no marker should outlive the request.
-        pipe.delete(names.checkpoint(self.model_name, record.id),
-                    names.cancelled(self.model_name, record.id))
+        await self._write_records_then_ack([(record, entry_id)])
+
+    async def _write_records_then_ack(self, ended: list[tuple[RequestRecord, str] | None]
+                                      ) -> None:
+        """Writes each record, then acknowledges its job, all in one MULTI/EXEC round trip.
+
+        Records first: a crash between the two leaves the job pending, never lost. In one
+        transaction, a record that Redis refuses (out of memory, checked as the commands are
+        queued) aborts the acknowledgements too.
+        """
+        done = [e for e in ended if e is not None]
+        if not done:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        for record, _ in done:
+            pipe.set(names.request_record(self.model_name, record.id), record.model_dump_json(),
+                     ex=self.settings.record_ttl_s)
+        for record, entry_id in done:
+            pipe.xack(self.stream, names.WORKER_GROUP, entry_id)
+            # Acknowledged entries leave the stream, so its length is the unfinished backlog,
+            # which admission reads (Redis 6.2 reports no consumer-group lag).
+            pipe.xdel(self.stream, entry_id)
+            # A cancel that raced the record is moot now: no marker should outlive the request.
+            pipe.delete(names.checkpoint(self.model_name, record.id),
+                        names.cancelled(self.model_name, record.id))
         await pipe.execute()
 
     # -- recovery --------------------------------------------------------------------------
