@@ -207,37 +207,59 @@ class WorkerService:
             resp: Any = await self.redis.xreadgroup(
                 names.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"},
                 count=max(1, min(self.settings.read_batch, room)), block=200)
-            for _, entries in resp or []:
-                for entry_id, fields in entries:
-                    await self._admit(entry_id.decode(), fields)
+            # Each job goes to the engine before the round trip for its lookups, and that
+            # round trip overlaps the next job's: a burst's last job does not wait for the
+            # lookups of all the others.
+            await asyncio.gather(*(self._admit(entry_id.decode(), fields, first_delivery=True)
+                                   for _, entries in resp or [] for entry_id, fields in entries))
 
-    async def _admit(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+    async def _admit(self, entry_id: str, fields: dict[bytes, bytes],
+                     first_delivery: bool = False) -> None:
+        """Starts a job read from the stream. `first_delivery`: read with ">", so no worker
+        ever had it, and it has no checkpoint and no earlier start to look up first."""
         try:
             job = Job.model_validate_json(fields[names.JOB_FIELD.encode()])
         except Exception as e:  # not ours to retry: record nothing, drop it
             log.error("dropping malformed job %s: %s", entry_id, e)
             await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
             return
-        # One round trip for the lookups and the start mark: this sits between a job's arrival
-        # and its first token. NX: a redelivered job keeps its first start, so its queue time
-        # stays the time it queued.
+        # One round trip for the lookups and the start mark. NX: a redelivered job keeps its
+        # first start, so its queue time stays the time it queued.
+        now = time.time()
         started_key = names.started(self.model_name, job.id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(names.cancelled(self.model_name, job.id))
         pipe.get(names.checkpoint(self.model_name, job.id))
-        pipe.set(started_key, Started(worker_id=self.settings.worker_id, started=time.time())
+        pipe.set(started_key, Started(worker_id=self.settings.worker_id, started=now)
                  .model_dump_json(), nx=True, ex=self.settings.record_ttl_s)
         pipe.get(started_key)
+        if first_delivery:
+            # The round trip sits between a job's arrival and its first token: the engine
+            # starts meanwhile, and a job cancelled while it queued is aborted after.
+            if await self._prepare_and_start(job, entry_id, None, now):
+                is_cancelled, *_ = await pipe.execute()
+                active = self.active.get(job.id)
+                if is_cancelled and active is not None:
+                    self._commands.put(Abort(list(active.engine_ids)))
+            else:
+                await pipe.execute()
+            return
         is_cancelled, ckpt, _, first_start = await pipe.execute()
         if is_cancelled:
             record = RequestRecord(id=job.id, model=self.model_name, kind=job.kind,
                                    status="cancelled", created=job.created, finished=time.time())
             await self._write_record_then_ack(record, entry_id)
             return
+        started = Started.model_validate_json(first_start).started if first_start else None
+        await self._prepare_and_start(job, entry_id, ckpt, started)
+
+    async def _prepare_and_start(self, job: Job, entry_id: str, ckpt: bytes | None,
+                                 started: float | None) -> bool:
+        """Checks and tokenizes a job and hands it to the engine; False if it failed instead."""
         if job.deadline is not None and time.time() > job.deadline:
             await self._fail(job, entry_id, [], "the request's deadline passed before it started",
                              "timeout")
-            return
+            return False
         try:
             prompt_ids = self._tokenize(job)
             params = SamplingParams(**job.sampling)
@@ -253,15 +275,16 @@ class WorkerService:
                     param="prompt")
         except (InvalidRequestError, ValueError, TypeError, OverflowError) as e:
             await self._fail(job, entry_id, [], str(e), "invalid_request_error")
-            return
+            return False
         try:
-            started = Started.model_validate_json(first_start).started if first_start else None
             await self._start(job, entry_id, prompt_ids, params, ckpt, started)
         except Exception as e:  # one job's failure must never stop this worker reading jobs
             log.exception("job %s failed to start", job.id)
             self.active.pop(job.id, None)
             self.processor.pop(job.id)
             await self._fail(job, entry_id, [], f"{type(e).__name__}: {e}", "server_error")
+            return False
+        return True
 
     async def _start(self, job: Job, entry_id: str, prompt_ids: list[int],
                      params: SamplingParams, ckpt: bytes | None, started: float | None) -> None:
