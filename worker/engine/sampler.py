@@ -205,35 +205,54 @@ class Sampler:
 
     def _apply_masks(self, logits: torch.Tensor, requests: Sequence[Request],
                      errors: list[str | None]) -> _MaskState | None:
-        """Structured output: disallowed tokens get -inf. A failing hook fails only its row."""
+        """Structured output: disallowed tokens get -inf. A failing hook fails only its row.
+
+        Hooks with a `fill_packed(row)` method (the grammar matcher) write their packed mask
+        straight into one host buffer for the batch: no tensor, check or copy per row."""
         rows: list[int] = []
-        allowed_rows: list[torch.Tensor] = []
+        packed = torch.empty((len(requests), (self.vocab_size + 31) // 32), dtype=torch.int32)
+        other: dict[int, torch.Tensor] = {}  # row of packed -> a bool or device mask instead
         for i, req in enumerate(requests):
-            if req.logits_mask is None:
+            mask = req.logits_mask
+            if mask is None:
                 continue
             try:
-                allowed = req.logits_mask.allowed_tokens(self.vocab_size)
-                if allowed is None:
-                    continue
-                allowed = self._check_mask(allowed)
+                fill = getattr(mask, "fill_packed", None)
+                if fill is not None:
+                    if not fill(packed[len(rows)]):
+                        continue
+                else:
+                    allowed = mask.allowed_tokens(self.vocab_size)
+                    if allowed is None:
+                        continue
+                    allowed = self._check_mask(allowed)
+                    if allowed.dtype == torch.int32 and allowed.device.type == "cpu":
+                        packed[len(rows)].copy_(allowed)
+                    else:
+                        other[len(rows)] = allowed
             except Exception as e:
                 # The row stays unrestricted; the engine finishes that request with this error.
                 errors[i] = f"{type(e).__name__}: {e}"
                 continue
             rows.append(i)
-            allowed_rows.append(allowed)
         if not rows:
             return None
         # bias: [n_mask, vocab] float32, 0 where allowed and -inf elsewhere; empty: [n_mask]
-        bias, empty = self._mask_bias(allowed_rows, logits.device)
+        if other:
+            bias, empty = self._mask_bias([other.get(k, packed[k]) for k in range(len(rows))],
+                                          logits.device)
+        else:  # the usual case: packed rows cross to the device together, 32x smaller
+            dev = self._to_device(packed[:len(rows)], logits.device)
+            bias, empty = _bits_to_bias(dev, self.vocab_size), _packed_empty(dev, self.vocab_size)
         # logits is the sampler's own copy here (a mask counts as an edit), so it is edited in
         # place: each pass over [n, vocab] counts at a large vocabulary. Adding the bias is one
         # fused pass, cheaper than filling through a bool mask (logits are finite: no inf - inf).
-        index = None if len(rows) == len(requests) else self._tensor(rows, torch.long, logits)
-        sub = logits if index is None else logits.index_select(0, index)  # [n_mask, vocab]
-        sub.add_(bias)
-        if index is not None:
-            logits.index_copy_(0, index, sub)
+        if len(rows) == len(requests):
+            sub = logits.add_(bias)
+        else:
+            index = self._tensor(rows, torch.long, logits)
+            logits.index_add_(0, index, bias)
+            sub = logits.index_select(0, index)  # [n_mask, vocab]
         # A row with no finite logit left samples a meaningless token (NaN probabilities in that
         # row alone); it is discarded with the error these flags raise after the one transfer.
         dead = torch.isneginf(sub.amax(dim=-1))  # [n_mask]

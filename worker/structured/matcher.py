@@ -67,6 +67,22 @@ class GrammarMatcher:
         self._raise_on_error()
         return self._bitmask
 
+    def fill_packed(self, out: torch.Tensor) -> bool:
+        """Writes the next token's packed mask into `out`, a contiguous int32 row of the
+        sampler's host buffer for the whole batch: llguidance fills it in place, no copy."""
+        if out.shape[0] != self._bitmask.shape[0]:
+            raise GrammarError(f"matcher built for another vocabulary ({self._bitmask.shape[0]} "
+                               f"mask words, the batch has {out.shape[0]})")
+        if self._next is not None:
+            self._wait()
+        if self._fresh:  # filled in the background already
+            out.copy_(self._bitmask)
+        else:
+            self._matcher.unsafe_compute_mask_ptr(out.data_ptr(), self._bitmask_bytes)
+        if self._matcher.is_error():
+            raise GrammarError(self._matcher.get_error())
+        return True
+
     def accept_token(self, token_id: int) -> None:
         self._wait()  # an accepted token must not race a fill of the old state
         self._fresh = False

@@ -704,3 +704,39 @@ def test_cuda_matches_cpu_and_never_syncs_the_stream() -> None:
     # A seeded CUDA row alone vs. in the batch.
     alone = sampler(gpu_logits[1:2], batch(device)[1:2])
     assert alone.token_ids[0] == gpu.token_ids[1]
+
+
+class FillingMask(PackedMask):
+    """A hook that writes its packed mask into the sampler's batch buffer, as the grammar
+    matcher does; `fail` raises after a partial write."""
+
+    def __init__(self, allowed: list[int] | None, fail: bool = False) -> None:
+        super().__init__(allowed)
+        self.fail = fail
+
+    def fill_packed(self, out: torch.Tensor) -> bool:
+        packed = self.allowed_tokens(VOCAB)
+        if packed is None:
+            return False
+        out.copy_(packed)
+        if self.fail:
+            out.fill_(0)  # a half-done row that must not stay in the batch
+            raise RuntimeError("fill failed")
+        return True
+
+
+def test_masks_filled_in_place_mix_with_other_hooks_and_failures() -> None:
+    logits = random_logits(6, seed=16)
+    params = SamplingParams.greedy()
+    hooks: list[object] = [FillingMask([3, 5]), FillingMask([7], fail=True), ConstMask([4, 9]),
+                           None, FillingMask(None), FillingMask([0, 63])]
+    out = Sampler(VOCAB)(logits, [make_request(params, mask=h) for h in hooks])
+    ref = Sampler(VOCAB)(logits, [make_request(params, mask=m) for m in (
+        ConstMask([3, 5]), None, ConstMask([4, 9]), None, None, ConstMask([0, 63]))])
+    assert out.errors == [None, "RuntimeError: fill failed", None, None, None, None]
+    assert out.token_ids == ref.token_ids
+    assert out.token_ids[0] in {3, 5} and out.token_ids[2] in {4, 9} and out.token_ids[5] in {0, 63}
+    # Only filled rows: every request a hook restricts, none it does not.
+    only = Sampler(VOCAB)(logits, [make_request(params, mask=FillingMask([10, 11]))
+                                   for _ in range(6)])
+    assert set(only.token_ids) <= {10, 11}
