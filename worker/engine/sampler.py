@@ -210,7 +210,9 @@ class Sampler:
         Hooks with a `fill_packed(row)` method (the grammar matcher) write their packed mask
         straight into one host buffer for the batch: no tensor, check or copy per row."""
         rows: list[int] = []
-        packed = torch.empty((len(requests), (self.vocab_size + 31) // 32), dtype=torch.int32)
+        # Pinned on a GPU host, so the packed rows cross without waiting for the device.
+        packed = torch.empty((len(requests), (self.vocab_size + 31) // 32), dtype=torch.int32,
+                             pin_memory=logits.device.type == "cuda")
         other: dict[int, torch.Tensor] = {}  # row of packed -> a bool or device mask instead
         for i, req in enumerate(requests):
             mask = req.logits_mask
@@ -555,22 +557,24 @@ def _bits_to_bias(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
     -> [n, vocab] float32, 0 where allowed and -inf elsewhere.
 
     A table lookup per byte (int32 words are little-endian on every supported device): one
-    gather writes the bias, with no shifts over 32x expanded words and no bool intermediate."""
+    row gather writes the bias, with no shifts over 32x expanded words and no bool intermediate.
+    (index_select, not advanced indexing: a third of the time on the CPU.)"""
     table = _BYTE_BIAS.get(packed.device)
     if table is None:
         bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # [256, 8]
         table = _BYTE_BIAS[packed.device] = torch.where(bits.bool(), 0.0, _NEG_INF).to(
             packed.device)
-    as_bytes = packed.contiguous().view(torch.uint8).int()  # [n, words * 4]
-    return table[as_bytes].reshape(packed.shape[0], -1)[:, :vocab_size]
+    as_bytes = packed.contiguous().view(torch.uint8).reshape(-1).long()  # [n * words * 4]
+    return table.index_select(0, as_bytes).view(packed.shape[0], -1)[:, :vocab_size]
 
 
 def _packed_empty(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[n] bool: rows with no bit set below vocab_size."""
-    words = packed.clone()
     tail = vocab_size % 32
-    if tail:  # bits past the vocabulary in the last word do not count
-        words[:, -1] &= (1 << tail) - 1
+    if not tail:
+        return (packed == 0).all(dim=-1)
+    words = packed.clone()
+    words[:, -1] &= (1 << tail) - 1  # bits past the vocabulary in the last word do not count
     return (words == 0).all(dim=-1)
 
 
