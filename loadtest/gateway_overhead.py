@@ -234,7 +234,7 @@ OTHERS = "other processes"
 FRONT = "worker front"
 FRONT_LOOP = "worker front: event loop thread"
 FRONT_OTHER = "worker front: other threads"
-SHORT = {FRONT_LOOP: "front-loop", FRONT_OTHER: "front-pump", "engine core": "core",
+SHORT = {FRONT_LOOP: "front-loop", FRONT_OTHER: "front-threads", "engine core": "core",
          CLIENT: "client", OTHERS: "others"}
 
 
