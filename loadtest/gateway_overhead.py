@@ -8,8 +8,10 @@
                request's consecutive tokens.
       service  a real redis-server, a real worker (`sluice worker`: Redis front + engine core
                process) and a real gateway (`sluice gateway`), streaming /v1/completions over HTTP
-               (httpx, SSE parsed here) from --concurrency clients in a closed loop; TTFT and ITL
-               are taken at the client.
+               from --concurrency clients in a closed loop; TTFT and ITL are taken at the client.
+               The client is a minimal keep-alive HTTP/1.1 one (--client raw), since httpx costs
+               about as much CPU per request as the gateway and would count as its time;
+               --client httpx measures with httpx instead.
     Every request is greedy and generates exactly --output-len tokens (ignore_eos). After one
     untimed warm-up of --warmup-prompts other prompts on each side, the sides alternate for
     --repeats timed passes. The headline takes each percentile's median over the passes (a pass
@@ -473,13 +475,77 @@ def completion_body(model: str, prompt: list[int], output_len: int, usage: bool)
     return body
 
 
+class RawConnection:
+    """A minimal HTTP/1.1 keep-alive client for one stream at a time, for the latency mode.
+
+    httpx costs about as much CPU per request as the gateway itself, and the client shares the
+    machine with the service: its time would count as the gateway's. This one writes the request
+    in one call and reads the chunked SSE response with asyncio streams, nothing more.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def stream(self, path: str, body: dict[str, Any], parse: bool) -> Stream:
+        if self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._reader, self._writer
+        assert reader is not None
+        data = json.dumps(body).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode()
+        s = Stream(submit=time.perf_counter(), submit_wall=time.time())
+        writer.write(head + data)
+        status = await reader.readline()
+        headers: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if b" 200 " not in status:
+            raise RuntimeError(f"HTTP {status.decode().strip()}: {headers}")
+        if "chunked" not in headers.get("transfer-encoding", ""):
+            raise RuntimeError(f"expected a chunked stream, got headers {headers}")
+        s.request_id = headers.get("x-request-id", "")
+        buf = b""
+        while size := int((await reader.readline()).strip(), 16):
+            chunk = await reader.readexactly(size + 2)  # the chunk and its CRLF
+            _take_events(s, buf + chunk[:-2], time.perf_counter(), parse)
+            buf = (buf + chunk[:-2]).rpartition(b"\n\n")[2]
+        await reader.readline()  # the CRLF after the last chunk
+        return s
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _take_events(s: Stream, data: bytes, now: float, parse: bool) -> None:
+    """Records the complete SSE events in `data` (a trailing partial event is left alone)."""
+    for ev in data.split(b"\n\n")[:-1]:
+        if not ev.startswith(b"data: ") or ev[6:] == b"[DONE]":
+            continue
+        if not parse:
+            s.token_times.append(now)
+            continue
+        chunk = json.loads(ev[6:])
+        if chunk.get("usage"):
+            s.usage_tokens = chunk["usage"]["completion_tokens"]
+        for choice in chunk.get("choices") or []:
+            s.token_times.append(now)
+            s.finish_reason = choice.get("finish_reason") or s.finish_reason
+
+
 async def run_http(base_url: str, model: str, prompts: list[list[int]], output_len: int,
-                   concurrency: int, parse: bool, max_opening: int = 0
+                   concurrency: int, parse: bool, max_opening: int = 0, client: str = "httpx"
                    ) -> tuple[list[Stream], float]:
     """A closed loop: `concurrency` clients, each sending its next prompt when one ends.
 
     max_opening > 0: at most that many requests wait for their response headers at once (the
-    streams themselves all run together).
+    streams themselves all run together). client: "httpx", or "raw" (`RawConnection`, one
+    connection per client of the loop).
     """
     opening = asyncio.Semaphore(max_opening) if max_opening > 0 else None
     todo: deque[tuple[int, list[int]]] = deque(enumerate(prompts))
@@ -487,14 +553,20 @@ async def run_http(base_url: str, model: str, prompts: list[list[int]], output_l
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(600.0, connect=30.0)
     url = f"{base_url}/v1/completions"
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    host, port = base_url.rsplit("//", 1)[1].rsplit(":", 1)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
 
         async def one_client() -> None:
-            while todo:
-                i, prompt = todo.popleft()
-                out[i] = await stream_completion(
-                    client, url, completion_body(model, prompt, output_len, usage=parse), parse,
-                    opening)
+            conn = RawConnection(host, int(port)) if client == "raw" else None
+            try:
+                while todo:
+                    i, prompt = todo.popleft()
+                    body = completion_body(model, prompt, output_len, usage=parse)
+                    out[i] = await (conn.stream("/v1/completions", body, parse) if conn else
+                                    stream_completion(http, url, body, parse, opening))
+            finally:
+                if conn is not None:
+                    conn.close()
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(min(concurrency, len(prompts)))))
@@ -559,7 +631,7 @@ def trace_breakdown(streams: list[Stream], published: dict[tuple[str, int], floa
 
 
 async def traced_pass(svc: Service, gateway_id: str, model: str, prompts: list[list[int]],
-                      output_len: int, concurrency: int) -> dict[str, Any]:
+                      output_len: int, concurrency: int, client: str) -> dict[str, Any]:
     """One more service pass with an observer process subscribed next to the gateway."""
     import multiprocessing as mp
 
@@ -573,7 +645,7 @@ async def traced_pass(svc: Service, gateway_id: str, model: str, prompts: list[l
         if not await asyncio.to_thread(ready.wait, 60):
             raise RuntimeError("the trace observer did not subscribe within 60 s")
         streams, _ = await run_http(svc.base_url, model, prompts, output_len, concurrency,
-                                    parse=True)
+                                    parse=True, client=client)
         await asyncio.sleep(0.3)
     finally:
         stop.set()
@@ -687,7 +759,8 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
         svc.wait_ready(model, "worker")
         if warm:
             run_direct(engine, warm, out_len, c)
-            asyncio.run(run_http(svc.base_url, model, warm, out_len, c, parse=True))
+            asyncio.run(run_http(svc.base_url, model, warm, out_len, c, parse=True,
+                                 client=args.client))
         cpu: dict[str, list[dict[str, float]]] = {"direct": [], "service": []}
         meter_pids = svc.pids("worker")
         started = {k: v for k, v in meter_pids.items() if v is not None}
@@ -697,7 +770,8 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
             d, d_s = run_direct(engine, prompts, out_len, c)
             cpu["direct"].append(meter.stop())
             meter.start()
-            s, s_s = asyncio.run(run_http(svc.base_url, model, prompts, out_len, c, parse=True))
+            s, s_s = asyncio.run(run_http(svc.base_url, model, prompts, out_len, c, parse=True,
+                                          client=args.client))
             cpu["service"].append(meter.stop())
             problems += check_streams(d, out_len, f"direct pass {r}")
             problems += check_streams(s, out_len, f"service pass {r}")
@@ -715,7 +789,8 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
                   f"{cpu['direct'][-1].get(OTHERS, 0):.2f} / {cpu['service'][-1].get(OTHERS, 0):.2f}")
         trace = None
         if args.trace:
-            trace = asyncio.run(traced_pass(svc, svc.gateway_id, model, prompts, out_len, c))
+            trace = asyncio.run(traced_pass(svc, svc.gateway_id, model, prompts, out_len, c,
+                                            args.client))
             trace["redis_keys_before"] = passes[-1]["redis_keys_after"] if passes else None
     for p, cd, cs in zip(passes, cpu["direct"], cpu["service"], strict=True):
         p["direct"]["cpu_per_wall_s"], p["service"]["cpu_per_wall_s"] = cd, cs
@@ -1037,6 +1112,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="latency: torch threads of the engine, both sides (this process's "
                         "torch.set_num_threads and the worker's OMP_NUM_THREADS; default: "
                         "torch's own, one per core)")
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="latency: the service side's HTTP client: raw (a minimal keep-alive "
+                        "HTTP/1.1 client, so the figure is the service's and not a client "
+                        "library's; default) or httpx")
     p.add_argument("--trace", action=argparse.BooleanOptionalAction, default=True,
                    help="latency: one more service pass with an observer subscribed to the "
                         "gateway's reply channel, splitting TTFT and per-token latency at the "
