@@ -740,3 +740,27 @@ def test_masks_filled_in_place_mix_with_other_hooks_and_failures() -> None:
     only = Sampler(VOCAB)(logits, [make_request(params, mask=FillingMask([10, 11]))
                                    for _ in range(6)])
     assert set(only.token_ids) <= {10, 11}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_masks_filled_in_place_match_cpu_without_a_sync() -> None:
+    logits = random_logits(5, seed=19)
+    hooks = [FillingMask([3, 5]), None, FillingMask([0, 63]), FillingMask([7], fail=True), None]
+
+    def batch() -> list[Request]:
+        return [make_request(SamplingParams.greedy(), mask=h) for h in hooks]
+
+    sampler = Sampler(VOCAB)
+    cpu = sampler(logits, batch())
+    gpu_logits = logits.to("cuda")
+    sampler(gpu_logits, batch())  # warm up allocators
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = sampler.sample_async(gpu_logits, batch())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    gpu = pending.result()
+    assert gpu.token_ids == cpu.token_ids and gpu.errors == cpu.errors
+    assert gpu.token_ids[0] in {3, 5} and gpu.token_ids[2] in {0, 63}
