@@ -105,7 +105,7 @@ def core_main(target: Callable[[dict[str, Any], Any, Any], None], engine_args: d
     two pipe ends the front made (`worker/pipe.py`)."""
     try:
         target(engine_args, BlockingReader(command_conn), BlockingWriter(result_conn))
-    except EOFError:  # the front closed its end: nobody is left to serve
+    except (EOFError, BrokenPipeError):  # the front closed its end: nobody is left to serve
         log.warning("the worker front is gone; the engine core exits")
 
 

@@ -110,3 +110,24 @@ def test_loop_writer_to_a_closed_reader_drops_quietly() -> None:
         assert writer.closed
 
     asyncio.run(main())
+
+
+def test_core_main_ends_quietly_once_the_front_is_gone() -> None:
+    from worker.core_process import core_main
+
+    def waits_then_reports(_args: dict[str, Any], commands: Any, results: Any) -> None:
+        results.put("ready")
+        commands.get()  # the front's end is closed: EOF
+
+    def reports(_args: dict[str, Any], _commands: Any, results: Any) -> None:
+        results.put("x" * 100_000)  # nobody reads: broken pipe
+
+    cmd_r, cmd_w = make_pipe(CTX)
+    res_r, res_w = make_pipe(CTX)
+    cmd_w.close()
+    core_main(waits_then_reports, {}, cmd_r, res_w)
+    assert BlockingReader(res_r).get(timeout=1) == "ready"
+    cmd_r, cmd_w = make_pipe(CTX)
+    res_r, res_w = make_pipe(CTX)
+    res_r.close()
+    core_main(reports, {}, cmd_r, res_w)  # returns instead of raising
