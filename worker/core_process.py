@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -102,7 +103,13 @@ def seed_unseeded_sampling(seed: int | None) -> int:
 def core_main(target: Callable[[dict[str, Any], Any, Any], None], engine_args: dict[str, Any],
               command_conn: Any, result_conn: Any) -> None:
     """Process entry point: runs `target` (`run_core`, or a stand-in with its protocol) on the
-    two pipe ends the front made (`worker/pipe.py`)."""
+    two pipe ends the front made (`worker/pipe.py`).
+
+    The front owns this process's life: it sends Shutdown once drained, and its exit closes the
+    pipe. A Ctrl-C or SIGTERM sent to the whole process group must not end the engine under
+    requests the front is still finishing, so both are ignored here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         target(engine_args, BlockingReader(command_conn), BlockingWriter(result_conn))
     except (EOFError, BrokenPipeError):  # the front closed its end: nobody is left to serve

@@ -87,6 +87,7 @@ class WorkerService:
         self._commands: Any = None  # a LoopWriter once the core starts
         self._core: Any = None
         self._core_lost = False  # the core process ended under us
+        self._core_stopping = False  # Shutdown sent
         self._step_results: asyncio.Queue[Any] = asyncio.Queue()
         self._draining = asyncio.Event()
         self._exit = asyncio.Event()  # set by SIGTERM: exit once drained
@@ -135,6 +136,7 @@ class WorkerService:
             t.cancel()
         await self.redis.delete(names.worker_heartbeat(self.settings.worker_id))
         await self.redis.hdel(names.WORKERS, self.settings.worker_id)
+        self._core_stopping = True  # its exit is no loss now
         self._commands.put(Shutdown())
         self._core.join(timeout=10)
         await self.redis.aclose()
@@ -176,6 +178,8 @@ class WorkerService:
         LoopReader(res_r, loop, self._step_results.put_nowait, self._on_core_exit)
 
     def _on_core_exit(self) -> None:
+        if self._core_stopping:
+            return
         self._core_lost = True
         self._step_results.put_nowait(Failed("the engine core process exited"))
 

@@ -209,3 +209,30 @@ def test_killed_engine_core_takes_its_front_down_and_the_request_resumes(
         assert not stream.errors, stream.errors
         assert killed_at < NUM_TOKENS, "the request finished before the kill; nothing tested"
         assert stream.text(0) == expected
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_worker_group_drains_the_stream_then_exits_cleanly(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """SIGTERM to the worker's whole process group (as a service manager may send it) reaches
+    the engine core too: the core must keep stepping until the front, draining, has finished
+    the request and tells it to stop."""
+    expected = LLM(str(tiny_model_dir), device="cpu", kv_cache_memory_bytes=2**24).generate(
+        PROMPT, SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].text
+    with _crash_site(tmp_path, tiny_model_dir) as crash:
+        front = crash.procs["a"]
+        stream = Stream(crash.port, {"model": "tiny", "prompt": PROMPT, "max_tokens": NUM_TOKENS,
+                                     "temperature": 0.0, "ignore_eos": True})
+        _wait(lambda: stream.num_chunks() >= 40, 60, "the first tokens")
+        (core,) = [c for c in _children(front.pid)
+                   if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        os.killpg(front.pid, signal.SIGTERM)
+        drained_from = stream.num_chunks()
+        assert stream.done.wait(60), "the stream never finished"
+        assert not stream.errors, stream.errors
+        assert drained_from < NUM_TOKENS, "the request finished before the SIGTERM"
+        assert stream.text(0) == expected
+        assert front.wait(timeout=30) == 0
+        assert not Path(f"/proc/{core}").exists() or \
+            Path(f"/proc/{core}/stat").read_text().split(")")[1].split()[0] == "Z"

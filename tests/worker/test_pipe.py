@@ -112,22 +112,30 @@ def test_loop_writer_to_a_closed_reader_drops_quietly() -> None:
     asyncio.run(main())
 
 
-def test_core_main_ends_quietly_once_the_front_is_gone() -> None:
+def _waits_then_reports(_args: dict[str, Any], commands: Any, results: Any) -> None:
+    results.put("ready")
+    commands.get()  # the front's end is closed: EOF
+
+
+def _reports_into_a_closed_pipe(_args: dict[str, Any], _commands: Any, results: Any) -> None:
+    results.put("x" * (2 << 20))  # more than the pipe holds, and nobody reads: broken pipe
+
+
+@pytest.mark.parametrize("close", ["commands", "results"])
+def test_core_main_ends_quietly_once_the_front_is_gone(close: str) -> None:
     from worker.core_process import core_main
 
-    def waits_then_reports(_args: dict[str, Any], commands: Any, results: Any) -> None:
-        results.put("ready")
-        commands.get()  # the front's end is closed: EOF
-
-    def reports(_args: dict[str, Any], _commands: Any, results: Any) -> None:
-        results.put("x" * 100_000)  # nobody reads: broken pipe
-
     cmd_r, cmd_w = make_pipe(CTX)
     res_r, res_w = make_pipe(CTX)
-    cmd_w.close()
-    core_main(waits_then_reports, {}, cmd_r, res_w)
-    assert BlockingReader(res_r).get(timeout=1) == "ready"
-    cmd_r, cmd_w = make_pipe(CTX)
-    res_r, res_w = make_pipe(CTX)
-    res_r.close()
-    core_main(reports, {}, cmd_r, res_w)  # returns instead of raising
+    target = _waits_then_reports if close == "commands" else _reports_into_a_closed_pipe
+    proc = CTX.Process(target=core_main, args=(target, {}, cmd_r, res_w))
+    proc.start()
+    cmd_r.close()
+    res_w.close()
+    if close == "commands":
+        assert BlockingReader(res_r).get(timeout=30) == "ready"
+        cmd_w.close()
+    else:
+        res_r.close()
+    proc.join(timeout=30)
+    assert proc.exitcode == 0  # no traceback, no error exit
