@@ -59,6 +59,25 @@ from worker.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+# Ends requests: KEYS = the stream, then per request its record, checkpoint and cancel-mark
+# keys; ARGV = the group, the records' TTL, then per request its entry id and record JSON. All
+# records are written before any job is acknowledged, so a failed write (out of memory, say)
+# leaves every job pending. Acknowledged entries leave the stream, whose length is then the
+# unfinished backlog that admission reads (Redis 6.2 reports no consumer-group lag); a cancel
+# that raced the record is moot, and no marker should outlive the request.
+_FINISH_SCRIPT = """
+local n = (#KEYS - 1) / 3
+for i = 0, n - 1 do
+  redis.call('SET', KEYS[2 + 3 * i], ARGV[4 + 2 * i], 'EX', ARGV[2])
+end
+for i = 0, n - 1 do
+  local id = ARGV[3 + 2 * i]
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  redis.call('XDEL', KEYS[1], id)
+  redis.call('DEL', KEYS[3 + 3 * i], KEYS[4 + 3 * i])
+end
+return n"""
+
 
 @dataclass
 class Active:
@@ -107,6 +126,7 @@ class WorkerService:
         assert isinstance(ready, Ready)
         self.max_model_len, self.stats = ready.max_model_len, ready.stats
         self.redis = aioredis.from_url(self.settings.redis_url)
+        self._finish_script = self.redis.register_script(_FINISH_SCRIPT)
         await self._ensure_group()
         if self.settings.metrics_port is not None:
             self.metrics.serve(self.settings.metrics_port)
@@ -233,22 +253,22 @@ class WorkerService:
         started_key = names.started(self.model_name, job.id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.exists(names.cancelled(self.model_name, job.id))
-        pipe.get(names.checkpoint(self.model_name, job.id))
         pipe.set(started_key, Started(worker_id=self.settings.worker_id, started=now)
                  .model_dump_json(), nx=True, ex=self.settings.record_ttl_s)
-        pipe.get(started_key)
         if first_delivery:
             # The round trip sits between a job's arrival and its first token: the engine
             # starts meanwhile, and a job cancelled while it queued is aborted after.
             if await self._prepare_and_start(job, entry_id, None, now):
-                is_cancelled, *_ = await pipe.execute()
+                is_cancelled, _ = await pipe.execute()
                 active = self.active.get(job.id)
                 if is_cancelled and active is not None:
                     self._commands.put(Abort(list(active.engine_ids)))
             else:
                 await pipe.execute()
             return
-        is_cancelled, ckpt, _, first_start = await pipe.execute()
+        pipe.get(names.checkpoint(self.model_name, job.id))
+        pipe.get(started_key)
+        is_cancelled, _, ckpt, first_start = await pipe.execute()
         if is_cancelled:
             record = RequestRecord(id=job.id, model=self.model_name, kind=job.kind,
                                    status="cancelled", created=job.created, finished=time.time())
@@ -484,28 +504,22 @@ class WorkerService:
 
     async def _write_records_then_ack(self, ended: list[tuple[RequestRecord, str] | None]
                                       ) -> None:
-        """Writes each record, then acknowledges its job, all in one MULTI/EXEC round trip.
+        """Writes each record, then acknowledges its job: one script call for them all.
 
-        Records first: a crash between the two leaves the job pending, never lost. In one
-        transaction, a record that Redis refuses (out of memory, checked as the commands are
-        queued) aborts the acknowledgements too.
+        Records first: a crash between the two leaves the job pending, never lost; a record that
+        Redis refuses (out of memory) stops the script before any acknowledgement.
         """
         done = [e for e in ended if e is not None]
         if not done:
             return
-        pipe = self.redis.pipeline(transaction=True)
-        for record, _ in done:
-            pipe.set(names.request_record(self.model_name, record.id), record.model_dump_json(),
-                     ex=self.settings.record_ttl_s)
+        keys = [self.stream]
+        args: list[Any] = [names.WORKER_GROUP, self.settings.record_ttl_s]
         for record, entry_id in done:
-            pipe.xack(self.stream, names.WORKER_GROUP, entry_id)
-            # Acknowledged entries leave the stream, so its length is the unfinished backlog,
-            # which admission reads (Redis 6.2 reports no consumer-group lag).
-            pipe.xdel(self.stream, entry_id)
-            # A cancel that raced the record is moot now: no marker should outlive the request.
-            pipe.delete(names.checkpoint(self.model_name, record.id),
-                        names.cancelled(self.model_name, record.id))
-        await pipe.execute()
+            keys += [names.request_record(self.model_name, record.id),
+                     names.checkpoint(self.model_name, record.id),
+                     names.cancelled(self.model_name, record.id)]
+            args += [entry_id, record.model_dump_json()]
+        await self._finish_script(keys=keys, args=args)
 
     # -- recovery --------------------------------------------------------------------------
 
