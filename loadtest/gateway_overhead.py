@@ -631,7 +631,7 @@ def trace_breakdown(streams: list[Stream], published: dict[tuple[str, int], floa
 
 
 async def traced_pass(svc: Service, gateway_id: str, model: str, prompts: list[list[int]],
-                      output_len: int, concurrency: int, client: str) -> dict[str, Any]:
+                      output_len: int, concurrency: int, http_client: str) -> dict[str, Any]:
     """One more service pass with an observer process subscribed next to the gateway."""
     import multiprocessing as mp
 
@@ -645,7 +645,7 @@ async def traced_pass(svc: Service, gateway_id: str, model: str, prompts: list[l
         if not await asyncio.to_thread(ready.wait, 60):
             raise RuntimeError("the trace observer did not subscribe within 60 s")
         streams, _ = await run_http(svc.base_url, model, prompts, output_len, concurrency,
-                                    parse=True, client=client)
+                                    parse=True, client=http_client)
         await asyncio.sleep(0.3)
     finally:
         stop.set()
