@@ -440,31 +440,47 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
         if response.status_code != 200:
             await response.aread()
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:500]}")
-        buf = b""
-        last = b""
+        events = _SSETimer(s, parse)
         async for data in response.aiter_raw():
-            now = time.perf_counter()
-            buf += data
-            *events, buf = buf.split(b"\n\n")
-            for ev in events:
-                if not ev.startswith(b"data: "):
-                    continue  # ": keep-alive" comments
-                payload = ev[6:]
-                if payload == b"[DONE]":
-                    continue
-                if not parse:
-                    s.token_times.append(now)
-                    last = payload
-                    continue
-                chunk = json.loads(payload)
-                if chunk.get("usage"):
-                    s.usage_tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk.get("choices") or []:
-                    s.token_times.append(now)
-                    s.finish_reason = choice.get("finish_reason") or s.finish_reason
-        if not parse and last:
-            s.finish_reason = json.loads(last)["choices"][0]["finish_reason"]
+            events.feed(data, time.perf_counter())
+        events.close()
     return s
+
+
+class _SSETimer:
+    """Times one stream's SSE `data:` events as its bytes arrive, for either client.
+
+    parse=True decodes every chunk (finish reason, usage); parse=False only counts the events
+    and reads the finish reason from the last one."""
+
+    def __init__(self, s: Stream, parse: bool) -> None:
+        self.s, self.parse = s, parse
+        self._buf = b""  # a trailing event not complete yet
+        self._last = b""
+
+    def feed(self, data: bytes, now: float) -> None:
+        s = self.s
+        *events, self._buf = (self._buf + data).split(b"\n\n")
+        for ev in events:
+            if not ev.startswith(b"data: "):
+                continue  # ": keep-alive" comments
+            payload = ev[6:]
+            if payload == b"[DONE]":
+                continue
+            if not self.parse:
+                s.token_times.append(now)
+                self._last = payload
+                continue
+            chunk = json.loads(payload)
+            if chunk.get("usage"):
+                s.usage_tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices") or []:
+                s.token_times.append(now)
+                s.finish_reason = choice.get("finish_reason") or s.finish_reason
+
+    def close(self) -> None:
+        if not self.parse and self._last:
+            self.s.finish_reason = json.loads(self._last)["choices"][0]["finish_reason"]
 
 
 def completion_body(model: str, prompt: list[int], output_len: int, usage: bool) -> dict[str, Any]:
@@ -509,33 +525,17 @@ class RawConnection:
         if "chunked" not in headers.get("transfer-encoding", ""):
             raise RuntimeError(f"expected a chunked stream, got headers {headers}")
         s.request_id = headers.get("x-request-id", "")
-        buf = b""
+        events = _SSETimer(s, parse)
         while size := int((await reader.readline()).strip(), 16):
             chunk = await reader.readexactly(size + 2)  # the chunk and its CRLF
-            _take_events(s, buf + chunk[:-2], time.perf_counter(), parse)
-            buf = (buf + chunk[:-2]).rpartition(b"\n\n")[2]
+            events.feed(chunk[:-2], time.perf_counter())
         await reader.readline()  # the CRLF after the last chunk
+        events.close()
         return s
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-
-
-def _take_events(s: Stream, data: bytes, now: float, parse: bool) -> None:
-    """Records the complete SSE events in `data` (a trailing partial event is left alone)."""
-    for ev in data.split(b"\n\n")[:-1]:
-        if not ev.startswith(b"data: ") or ev[6:] == b"[DONE]":
-            continue
-        if not parse:
-            s.token_times.append(now)
-            continue
-        chunk = json.loads(ev[6:])
-        if chunk.get("usage"):
-            s.usage_tokens = chunk["usage"]["completion_tokens"]
-        for choice in chunk.get("choices") or []:
-            s.token_times.append(now)
-            s.finish_reason = choice.get("finish_reason") or s.finish_reason
 
 
 async def run_http(base_url: str, model: str, prompts: list[list[int]], output_len: int,

@@ -43,12 +43,8 @@ class NullWorkerService(WorkerService):
         self.null_token_id = null_token_id
 
     def _core_spec(self) -> tuple[Callable[[dict[str, Any], Any, Any], None], dict[str, Any], str]:
-        s = self.settings
-        config: dict[str, Any] = {"max_num_seqs": s.max_num_seqs,
-                                  "max_num_batched_tokens": s.max_num_batched_tokens,
-                                  "max_model_len": s.max_model_len}
-        args = {"model_dir": str(self.model_dir), "config": config,
-                "null_step_s": self.null_step_s, "null_token_id": self.null_token_id}
+        _, args, _ = super()._core_spec()  # the real worker's engine args, which the null reads
+        args.update(null_step_s=self.null_step_s, null_token_id=self.null_token_id)
         return run_null_core, args, "sluice-null-core"
 
 

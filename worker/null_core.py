@@ -10,7 +10,7 @@ as fast as the loop turns), counted from the start of the previous one, so the o
 running completions / null_step_s tokens per second. Requests beyond `max_num_seqs` wait, as they
 would in the engine; there is no KV cache, so every block is always free.
 
-engine_args is the dict `WorkerService._start_core` builds (`config` holds max_num_seqs and
+engine_args is the dict `WorkerService._core_spec` builds (`config` holds max_num_seqs and
 max_model_len; `model_dir`, when given, supplies the vocabulary size) plus `null_step_s` and
 `null_token_id`.
 

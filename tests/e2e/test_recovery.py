@@ -130,15 +130,26 @@ class Stream:
             self.done.set()
 
 
-@pytest.mark.slow
-def test_killed_worker_request_resumes_on_another(tmp_path: Path, tiny_model_dir: Path) -> None:
-    expected = LLM(str(tiny_model_dir), device="cpu", kv_cache_memory_bytes=2**24).generate(
+def _greedy_text(tiny_model_dir: Path) -> str:
+    """What the offline engine generates for PROMPT, greedily: a resumed stream must match it."""
+    return LLM(str(tiny_model_dir), device="cpu", kv_cache_memory_bytes=2**24).generate(
         PROMPT, SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True),
         use_tqdm=False)[0].outputs[0].text
+
+
+def _greedy_stream_under_way(crash: Crash) -> Stream:
+    """A greedy NUM_TOKENS stream of PROMPT on worker "a", once its first tokens are in."""
+    stream = Stream(crash.port, {"model": "tiny", "prompt": PROMPT, "max_tokens": NUM_TOKENS,
+                                 "temperature": 0.0, "ignore_eos": True})
+    _wait(lambda: stream.num_chunks() >= 40, 60, "the first tokens")
+    return stream
+
+
+@pytest.mark.slow
+def test_killed_worker_request_resumes_on_another(tmp_path: Path, tiny_model_dir: Path) -> None:
+    expected = _greedy_text(tiny_model_dir)
     with _crash_site(tmp_path, tiny_model_dir) as crash:
-        stream = Stream(crash.port, {"model": "tiny", "prompt": PROMPT, "max_tokens": NUM_TOKENS,
-                                     "temperature": 0.0, "ignore_eos": True})
-        _wait(lambda: stream.num_chunks() >= 40, 60, "the first tokens")
+        stream = _greedy_stream_under_way(crash)
         crash.kill_a_then_start_b()
         killed_at = stream.num_chunks()
         assert stream.done.wait(120), "the stream never finished after the worker died"
@@ -181,8 +192,11 @@ def test_killed_worker_sampled_n2_resumes_each_completion(tmp_path: Path,
         assert stream.usage is not None and stream.usage["completion_tokens"] == 2 * NUM_TOKENS
 
 
-def _children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+def _engine_core(front_pid: int) -> int:
+    """The engine core process: the one child the worker front spawned."""
+    children = Path(f"/proc/{front_pid}/task/{front_pid}/children").read_text().split()
+    (core,) = [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+    return core
 
 
 @pytest.mark.slow
@@ -191,16 +205,11 @@ def test_killed_engine_core_takes_its_front_down_and_the_request_resumes(
         tmp_path: Path, tiny_model_dir: Path) -> None:
     """A front whose engine core died must not stay up: its heartbeat would keep its jobs
     from being claimed, and they would never finish."""
-    expected = LLM(str(tiny_model_dir), device="cpu", kv_cache_memory_bytes=2**24).generate(
-        PROMPT, SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True),
-        use_tqdm=False)[0].outputs[0].text
+    expected = _greedy_text(tiny_model_dir)
     with _crash_site(tmp_path, tiny_model_dir) as crash:
         front = crash.procs["a"]
-        stream = Stream(crash.port, {"model": "tiny", "prompt": PROMPT, "max_tokens": NUM_TOKENS,
-                                     "temperature": 0.0, "ignore_eos": True})
-        _wait(lambda: stream.num_chunks() >= 40, 60, "the first tokens")
-        (core,) = [c for c in _children(front.pid)  # the one child the front spawned
-                   if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        stream = _greedy_stream_under_way(crash)
+        core = _engine_core(front.pid)
         os.kill(core, signal.SIGKILL)
         killed_at = stream.num_chunks()
         assert front.wait(timeout=15) != 0, "the front outlived its engine core"
@@ -217,16 +226,11 @@ def test_sigterm_to_the_worker_group_drains_the_stream_then_exits_cleanly(
     """SIGTERM to the worker's whole process group (as a service manager may send it) reaches
     the engine core too: the core must keep stepping until the front, draining, has finished
     the request and tells it to stop."""
-    expected = LLM(str(tiny_model_dir), device="cpu", kv_cache_memory_bytes=2**24).generate(
-        PROMPT, SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True),
-        use_tqdm=False)[0].outputs[0].text
+    expected = _greedy_text(tiny_model_dir)
     with _crash_site(tmp_path, tiny_model_dir) as crash:
         front = crash.procs["a"]
-        stream = Stream(crash.port, {"model": "tiny", "prompt": PROMPT, "max_tokens": NUM_TOKENS,
-                                     "temperature": 0.0, "ignore_eos": True})
-        _wait(lambda: stream.num_chunks() >= 40, 60, "the first tokens")
-        (core,) = [c for c in _children(front.pid)
-                   if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        stream = _greedy_stream_under_way(crash)
+        core = _engine_core(front.pid)
         os.killpg(front.pid, signal.SIGTERM)
         drained_from = stream.num_chunks()
         assert stream.done.wait(60), "the stream never finished"

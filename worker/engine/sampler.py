@@ -263,17 +263,13 @@ class Sampler:
     def _mask_bias(self, masks: list[torch.Tensor], device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row masks, bool [vocab] or packed int32 [ceil(vocab / 32)], as one additive bias
-        [n, vocab] on `device` and which rows allow nothing [n]. Packed rows cross to the device
-        packed (32x smaller than bool) and are expanded there together, in one op."""
+        [n, vocab] on `device` and which rows allow nothing [n]: the general case, for a batch
+        with some bool or device-side mask (all-packed host rows take `_apply_masks`' path)."""
         vocab = self.vocab_size
-        if all(m.device.type == "cpu" for m in masks):
+        if all(m.device.type == "cpu" and m.dtype == torch.bool for m in masks):
             # Hooks usually build masks on the host: stack there and cross over once.
-            if all(m.dtype == torch.int32 for m in masks):
-                packed = self._to_device(torch.stack(masks), device)
-                return _bits_to_bias(packed, vocab), _packed_empty(packed, vocab)
-            if all(m.dtype == torch.bool for m in masks):
-                allowed = self._to_device(torch.stack(masks), device)
-                return torch.where(allowed, 0.0, _NEG_INF), ~allowed.any(dim=-1)
+            allowed = self._to_device(torch.stack(masks), device)
+            return torch.where(allowed, 0.0, _NEG_INF), ~allowed.any(dim=-1)
         bias = torch.cat([
             _bits_to_bias(self._to_device(m, device)[None], vocab) if m.dtype == torch.int32
             else torch.where(self._to_device(m, device)[None], 0.0, _NEG_INF) for m in masks])

@@ -73,14 +73,12 @@ class GrammarMatcher:
         if out.shape[0] != self._bitmask.shape[0]:
             raise GrammarError(f"matcher built for another vocabulary ({self._bitmask.shape[0]} "
                                f"mask words, the batch has {out.shape[0]})")
-        if self._next is not None:
-            self._wait()
+        self._wait()
         if self._fresh:  # filled in the background already
             out.copy_(self._bitmask)
         else:
             self._matcher.unsafe_compute_mask_ptr(out.data_ptr(), self._bitmask_bytes)
-        if self._matcher.is_error():
-            raise GrammarError(self._matcher.get_error())
+        self._raise_on_error()
         return True
 
     def accept_token(self, token_id: int) -> None:
