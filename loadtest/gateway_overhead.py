@@ -1068,15 +1068,15 @@ def _print_profile(label: str, path: str, top: int) -> None:
 # -- command line ---------------------------------------------------------------------------------
 
 
-def parse_steps(text: str) -> list[float]:
+def parse_ms_list(text: str) -> list[float]:
     """'5,2,1' -> [5.0, 2.0, 1.0] milliseconds."""
     try:
-        steps = [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected e.g. 5,2,1, got {text!r}") from None
-    if not steps or min(steps) < 0:
-        raise argparse.ArgumentTypeError(f"step intervals must be >= 0 ms, got {text!r}")
-    return steps
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"milliseconds must be >= 0, got {text!r}")
+    return values
 
 
 def _positive(text: str) -> int:
@@ -1124,7 +1124,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="latency: untimed requests per side first (default: --concurrency)")
     p.add_argument("--repeats", type=_positive, default=5,
                    help="latency: timed passes per side, alternating (default 5)")
-    p.add_argument("--null-step-ms", type=parse_steps, default=[5.0, 2.0, 1.0], metavar="LIST",
+    p.add_argument("--null-step-ms", type=parse_ms_list, default=[5.0, 2.0, 1.0], metavar="LIST",
                    help="bus: null engine step intervals to run, ms, comma-separated "
                         "(default 5,2,1; 0 = as fast as the core loop turns)")
     p.add_argument("--max-opening", type=int, default=32,

@@ -92,7 +92,7 @@ def test_sizes_default_per_mode_and_bad_steps_are_refused() -> None:
     assert gateway_overhead.resolve_sizes(args, gateway_overhead.LATENCY_DEFAULTS) == {
         "num_prompts": 7, "input_len": 32, "output_len": 64, "concurrency": 8}
     assert gateway_overhead.resolve_sizes(args, gateway_overhead.BUS_DEFAULTS)["output_len"] == 512
-    assert gateway_overhead.parse_steps("5,2,0.5") == [5.0, 2.0, 0.5]
+    assert gateway_overhead.parse_ms_list("5,2,0.5") == [5.0, 2.0, 0.5]
     with pytest.raises(SystemExit):
         gateway_overhead.main(["--null-step-ms", "-1"])
 
