@@ -68,22 +68,28 @@ class WorkerMetrics:
         # Per-token paths use children bound once: .labels() on every token showed in profiles.
         self._ttft, self._prefill = self.ttft.labels(model_name), self.prefill.labels(model_name)
         self._itl = self.itl.labels(model_name)
+        self._running, self._waiting = self.running.labels(model_name), self.waiting.labels(model_name)
+        self._kv_usage = self.kv_usage.labels(model_name)
+        self._preemptions = self.preemptions.labels(model_name)
+        self._queries, self._hits = (self.prefix_queries.labels(model_name),
+                                     self.prefix_hits.labels(model_name))
+        self._per_step = self.iteration_tokens.labels(model_name)
+        self._generated = self.generation_tokens.labels(model_name)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
 
     def step(self, stats: EngineStats, new_tokens: int) -> None:
-        m = self.model
-        self.running.labels(m).set(stats.num_running)
-        self.waiting.labels(m).set(stats.num_waiting)
-        self.kv_usage.labels(m).set(stats.kv_cache_usage)
-        self.preemptions.labels(m).inc(max(0, stats.num_preemptions - self._last.num_preemptions))
-        self.prefix_queries.labels(m).inc(
-            max(0, stats.prefix_cache_queries - self._last.prefix_cache_queries))
-        self.prefix_hits.labels(m).inc(max(0, stats.prefix_cache_hits - self._last.prefix_cache_hits))
+        last = self._last
+        self._running.set(stats.num_running)
+        self._waiting.set(stats.num_waiting)
+        self._kv_usage.set(stats.kv_cache_usage)
+        self._preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
+        self._queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
+        self._hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))
         if new_tokens:
-            self.iteration_tokens.labels(m).observe(new_tokens)
-            self.generation_tokens.labels(m).inc(new_tokens)
+            self._per_step.observe(new_tokens)
+            self._generated.inc(new_tokens)
         self._last = stats
 
     def admitted(self, req_id: str, created_epoch: float, num_prompt_tokens: int) -> None:
@@ -93,11 +99,12 @@ class WorkerMetrics:
         self.prompt_tokens.labels(self.model).inc(num_prompt_tokens)
         self.req_prompt.labels(self.model).observe(num_prompt_tokens)
 
-    def tokens(self, req_id: str, num_tokens: int) -> None:
+    def tokens(self, req_id: str, num_tokens: int, now: float | None = None) -> None:
+        """`num_tokens` more of the request's tokens, out at `now` (perf_counter; default: now)."""
         t = self._timings.get(req_id)
         if t is None or not num_tokens:
             return
-        now = time.perf_counter()
+        now = time.perf_counter() if now is None else now
         if t.first_token is None:
             t.first_token = now
             self._ttft.observe(now - t.admitted)

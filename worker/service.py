@@ -234,8 +234,13 @@ class WorkerService:
             # Each job goes to the engine before the round trip for its lookups, and that
             # round trip overlaps the next job's: a burst's last job does not wait for the
             # lookups of all the others.
-            await asyncio.gather(*(self._admit(entry_id.decode(), fields, first_delivery=True)
-                                   for _, entries in resp or [] for entry_id, fields in entries))
+            jobs = [(entry_id.decode(), fields) for _, entries in resp or []
+                    for entry_id, fields in entries]
+            if len(jobs) == 1:  # the usual read while not busy: no task to wait a loop turn for
+                await self._admit(*jobs[0], first_delivery=True)
+            elif jobs:
+                await asyncio.gather(*(self._admit(entry_id, fields, first_delivery=True)
+                                       for entry_id, fields in jobs))
 
     async def _admit(self, entry_id: str, fields: dict[bytes, bytes],
                      first_delivery: bool = False) -> None:
@@ -250,24 +255,19 @@ class WorkerService:
         # One round trip for the lookups and the start mark. NX: a redelivered job keeps its
         # first start, so its queue time stays the time it queued.
         now = time.time()
-        started_key = names.started(self.model_name, job.id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.exists(names.cancelled(self.model_name, job.id))
-        pipe.set(started_key, Started(worker_id=self.settings.worker_id, started=now)
-                 .model_dump_json(), nx=True, ex=self.settings.record_ttl_s)
         if first_delivery:
             # The round trip sits between a job's arrival and its first token: the engine
-            # starts meanwhile, and a job cancelled while it queued is aborted after.
-            if await self._prepare_and_start(job, entry_id, None, now):
-                is_cancelled, _ = await pipe.execute()
-                active = self.active.get(job.id)
-                if is_cancelled and active is not None:
-                    self._commands.put(Abort(list(active.engine_ids)))
-            else:
-                await pipe.execute()
+            # starts first (even the round trip's commands are built after), and a job
+            # cancelled while it queued is aborted after.
+            running = await self._prepare_and_start(job, entry_id, None, now)
+            is_cancelled, _ = await self._lookups(job.id, now).execute()
+            active = self.active.get(job.id)
+            if running and is_cancelled and active is not None:
+                self._commands.put(Abort(list(active.engine_ids)))
             return
+        pipe = self._lookups(job.id, now)
         pipe.get(names.checkpoint(self.model_name, job.id))
-        pipe.get(started_key)
+        pipe.get(names.started(self.model_name, job.id))
         is_cancelled, _, ckpt, first_start = await pipe.execute()
         if is_cancelled:
             record = RequestRecord(id=job.id, model=self.model_name, kind=job.kind,
@@ -276,6 +276,15 @@ class WorkerService:
             return
         started = Started.model_validate_json(first_start).started if first_start else None
         await self._prepare_and_start(job, entry_id, ckpt, started)
+
+    def _lookups(self, req_id: str, now: float) -> Any:
+        """A pipeline: is the request cancelled, and mark its start unless one is marked."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(names.cancelled(self.model_name, req_id))
+        pipe.set(names.started(self.model_name, req_id),
+                 Started(worker_id=self.settings.worker_id, started=now).model_dump_json(),
+                 nx=True, ex=self.settings.record_ttl_s)
+        return pipe
 
     async def _prepare_and_start(self, job: Job, entry_id: str, ckpt: bytes | None,
                                  started: float | None) -> bool:
@@ -377,9 +386,9 @@ class WorkerService:
                 continue
             if not isinstance(item, StepResult):
                 continue
+            got = time.perf_counter()
             self.stats = item.stats
             self._in_flight_adds = 0
-            self.metrics.step(item.stats, sum(len(o.new_token_ids) for o in item.outputs))
             for rej in item.rejected:
                 rid, _ = self.processor.owner(rej.request_id)
                 active = self.active.get(rid)
@@ -393,9 +402,13 @@ class WorkerService:
             deltas, stops = self.processor.process(item.outputs)
             for rid, index, stop in stops:
                 self._commands.put(StopCompletion(rid, index, stop))
-            await self._publish(deltas)
+            await self._publish(deltas, got)
+            self.metrics.step(item.stats, sum(len(o.new_token_ids) for o in item.outputs))
 
-    async def _publish(self, deltas: list[CompletionDelta]) -> None:
+    async def _publish(self, deltas: list[CompletionDelta], got: float) -> None:
+        """One pipeline for the step's checkpoints and PUBLISHes, then its metrics (timed at
+        `got`, when the step's results arrived: their cost stays off the tokens' path), then
+        the records of the requests it ended."""
         by_channel: dict[str, list[dict[str, Any]]] = {}
         finished: list[str] = []
         ckpt_keys: list[str] = []
@@ -410,7 +423,6 @@ class WorkerService:
                 ckpt_keys.append(names.checkpoint(self.model_name, d.request_id))
                 ckpt_lines.append(checkpoint.line(d.index, d.token_ids, d.finish_reason,
                                                   d.stop_reason))
-            self.metrics.tokens(d.request_id, len(d.token_ids))
             result = self.processor.get(d.request_id)
             done = result is not None and result.finished
             # An `Event` as plain JSON: built for every completion on every step, where model
@@ -441,6 +453,8 @@ class WorkerService:
             pipe.publish(channel, json.dumps({"events": events}, separators=(",", ":")))
         if len(pipe):
             await pipe.execute()
+        for d in deltas:
+            self.metrics.tokens(d.request_id, len(d.token_ids), got)
         if finished:  # one round trip for every request this step ended
             await self._write_records_then_ack([self._finish(rid) for rid in finished])
 
