@@ -60,6 +60,7 @@ from shared.errors import (
 )
 from shared.fleet import fleet_view, live_workers, model_names, model_state, registry
 from shared.messages import Cancel, CompletionRecord, Event, Job, RequestRecord, Started, Usage
+from shared.resilient import run_resilient
 from shared.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ class JobRequest(BaseModel):
     endpoint: str  # "/v1/chat/completions" or "/v1/completions"
     body: dict[str, Any]
 
+
+# The gateway's view of the fleet (which models are served, and their states) is read this
+# often in the background; a request for a model not in it reads it again at most this often.
+_FLEET_REFRESH_S = 0.25
+_FLEET_RECHECK_S = 0.1
 
 # XADD the job unless the queue already holds the cap; answers the entry id, or the depth
 # (an integer) when full.
@@ -137,9 +143,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         state["enqueue_if_room"] = state["redis"].register_script(_ENQUEUE_IF_ROOM)
         state["router"] = ReplyRouter(state["redis"], names.gateway_channel(settings.gateway_id))
         await state["router"].start()
+        watcher = asyncio.create_task(run_resilient(watch_fleet, "fleet view", log))
         log.info("gateway %s on reply channel %s, Redis %s", settings.gateway_id,
                  state["router"].channel, settings.redis_url)
         yield
+        watcher.cancel()
         await state["router"].stop()
         await state["redis"].aclose()
 
@@ -172,21 +180,35 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         beats, models = await pipe.execute()
         return beats, models
 
-    async def served_models() -> list[str]:
-        """Models some live worker serves or the scaler manages (maybe at zero workers), read at
-        most twice a second; their states (cold, warming, ready) go to fleet["states"]."""
+    async def refresh_fleet() -> None:
         now = time.time()
-        if now - fleet["read_at"] > 0.5:
-            beats, models = await read_fleet()
-            workers, known = live_workers(beats, now), registry(models, now)
-            fleet["models"] = model_names(workers, known)
-            fleet["states"] = {m: model_state(m, workers, known.get(m))
-                               for m in {*fleet["models"], *settings.models}}
-            fleet["read_at"] = now
+        beats, models = await read_fleet()
+        workers, known = live_workers(beats, now), registry(models, now)
+        fleet["models"] = model_names(workers, known)
+        fleet["states"] = {m: model_state(m, workers, known.get(m))
+                           for m in {*fleet["models"], *settings.models}}
+        fleet["read_at"] = now
+
+    async def watch_fleet() -> None:
+        """Keeps the fleet view fresh off the requests' path: reading it on a request would
+        put a Redis round trip in front of that request's job."""
+        while True:
+            await refresh_fleet()
+            await asyncio.sleep(_FLEET_REFRESH_S)
+
+    async def served_models(max_age_s: float = 4 * _FLEET_REFRESH_S) -> list[str]:
+        """Models some live worker serves or the scaler manages (maybe at zero workers); their
+        states (cold, warming, ready) are in fleet["states"]. The view is read again here only
+        when it is older than `max_age_s` (the watcher is failing: Redis is away)."""
+        if time.time() - fleet["read_at"] > max_age_s:
+            await refresh_fleet()
         return list(settings.models or fleet["models"])
 
     async def check_model(model: str) -> None:
-        if model not in await served_models():
+        # A model not in the view may have come up since it was read: read it again before
+        # saying no (at most every _FLEET_RECHECK_S, so unknown names cannot flood Redis).
+        if model not in await served_models() and \
+                model not in await served_models(max_age_s=_FLEET_RECHECK_S):
             raise NotFoundError(f"model {model!r} is not served here; GET /v1/models lists them",
                                 param="model")
 
