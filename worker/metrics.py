@@ -75,6 +75,9 @@ class WorkerMetrics:
                                      self.prefix_hits.labels(model_name))
         self._per_step = self.iteration_tokens.labels(model_name)
         self._generated = self.generation_tokens.labels(model_name)
+        self._queue, self._req_prompt = (self.queue.labels(model_name),
+                                         self.req_prompt.labels(model_name))
+        self._prompt_tokens = self.prompt_tokens.labels(model_name)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
@@ -95,9 +98,9 @@ class WorkerMetrics:
     def admitted(self, req_id: str, created_epoch: float, num_prompt_tokens: int) -> None:
         now = time.perf_counter()
         self._timings[req_id] = _Timing(created_epoch, now)
-        self.queue.labels(self.model).observe(max(0.0, time.time() - created_epoch))
-        self.prompt_tokens.labels(self.model).inc(num_prompt_tokens)
-        self.req_prompt.labels(self.model).observe(num_prompt_tokens)
+        self._queue.observe(max(0.0, time.time() - created_epoch))
+        self._prompt_tokens.inc(num_prompt_tokens)
+        self._req_prompt.observe(num_prompt_tokens)
 
     def tokens(self, req_id: str, num_tokens: int, now: float | None = None) -> None:
         """`num_tokens` more of the request's tokens, out at `now` (perf_counter; default: now)."""

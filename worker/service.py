@@ -322,16 +322,24 @@ class WorkerService:
     async def _start(self, job: Job, entry_id: str, prompt_ids: list[int],
                      params: SamplingParams, ckpt: bytes | None, started: float | None) -> None:
         active = Active(job, entry_id, prompt_ids, started=started)
-        self.processor.add_request(job.id, job.prompt, prompt_ids, params)
         adds = [AddRequest(job.id, prompt_ids, params, job.priority, job.grammar)]
-        if ckpt:
+        if ckpt:  # the output processor replays what the client has before the engine goes on
+            self.processor.add_request(job.id, job.prompt, prompt_ids, params)
             adds = self._resume(active, params, checkpoint.parse(ckpt, params.n))
         active.engine_ids = [add.request_id for add in adds]
         self.active[job.id] = active
-        self.metrics.admitted(job.id, job.created, len(prompt_ids))
         self._in_flight_adds += len(adds)
         for add in adds:
             self._commands.put(add)
+        if not ckpt:
+            # After the engine has the request, so the front's own set-up overlaps the
+            # engine's step; no result is read before this returns to the event loop.
+            try:
+                self.processor.add_request(job.id, job.prompt, prompt_ids, params)
+            except Exception:
+                self._commands.put(Abort(active.engine_ids))
+                raise
+        self.metrics.admitted(job.id, job.created, len(prompt_ids))
         if not adds:  # every completion had ended; the worker died before writing the record
             await self._write_records_then_ack([self._finish(job.id)])
 
