@@ -47,7 +47,7 @@ from gateway.structured import (
     tool_call_response,
     uses_tool_calls,
 )
-from shared import names
+from shared import names, trace
 from shared.errors import (
     AuthenticationError,
     BadRequestError,
@@ -217,6 +217,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """Admission and XADD in one round trip (and atomically: no two gateways both take the
         last place); a refused request gives its Idempotency-Key back for the retry."""
         # Workers delete entries as they acknowledge them: the length is the unfinished backlog.
+        trace.point("g_xadd", job.id)
         added = await state["enqueue_if_room"](
             keys=[names.queue(job.model)],
             args=[settings.queue_cap, names.JOB_FIELD, job.model_dump_json()])
@@ -385,6 +386,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 # Everything already here (one worker step's events, usually) goes out as one
                 # write: one chunk of the response per step, not one per token.
                 out: list[str] = []
+                opening = not seen  # this write carries the stream's first tokens
                 while ev is not None:
                     if ev.error is not None:
                         out.append(sse_error_event(_worker_error(ev)))
@@ -408,6 +410,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         first[ev.index] = True
                     ev = queue.get_nowait() if not queue.empty() and not progress.done else None
                 if out:
+                    if opening:
+                        trace.point("g_sse", job.id)
                     yield "".join(out)
             if usage is not None and stream_include_usage(req):
                 chunk = usage_chunk(kind=kind, request_id=job.id, model=job.model,  # type: ignore[arg-type]
@@ -563,6 +567,7 @@ class _CompletionFastPath:
         self.app, self.run, self.authorize, self.models = app, run, authorize, models
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.time()
         route = self.models.get(scope["path"]) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
@@ -588,6 +593,7 @@ class _CompletionFastPath:
             await self.app(scope, _received(body, None, receive), send)
             return
         response = await self.run(req, kind, tenant_id, headers.get("idempotency-key"))
+        trace.point("g_in", response.headers.get("x-request-id", ""), t0)
         await response(scope, receive, send)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from shared import trace
 from shared.messages import Event, Reply
 from shared.resilient import run_resilient
 
@@ -61,6 +62,8 @@ class ReplyRouter:
                 log.error("dropping a malformed reply: %s", e)
                 continue
             for event in reply.events:
+                if trace.ON and event.seq == 0 and event.token_ids:
+                    trace.point("g_reply", event.req_id)
                 q = self._queues.get(event.req_id)
                 if q is not None:
                     q.put_nowait(event)

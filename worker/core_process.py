@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from shared import trace
 from worker.engine.engine import EngineOutput, EngineStats
 from worker.engine.sampling_params import SamplingParams
 from worker.pipe import BlockingReader, BlockingWriter
@@ -141,6 +142,7 @@ def run_core(engine_args: dict[str, Any], commands: Any, results: Any) -> None:
         lambda: build_tokenizer(Tokenizer.load(engine_args["model_dir"]).hf, engine.vocab_size,
                                 engine.eos_token_ids), engine.vocab_size,
         prefetch=engine.device.type == "cuda"))
+    untraced: set[str] = set()  # requests whose first token is still to come, when tracing
     while True:
         rejected: list[Rejected] = []
         outputs: list[EngineOutput] = []
@@ -164,6 +166,9 @@ def run_core(engine_args: dict[str, Any], commands: Any, results: Any) -> None:
             if isinstance(cmd, AddRequest) and cmd.grammar is not None:
                 grammars.add(cmd.request_id, cmd, cmd.grammar, cmd.grammar_prefix)
             elif isinstance(cmd, AddRequest):
+                trace.point("c_add", cmd.request_id)
+                if trace.ON:
+                    untraced.add(cmd.request_id)
                 try:
                     engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
                                        priority=cmd.priority)
@@ -192,4 +197,9 @@ def run_core(engine_args: dict[str, Any], commands: Any, results: Any) -> None:
             # takes more work from the queue.
             stats = engine.stats()
             stats = replace(stats, num_waiting=stats.num_waiting + len(grammars))
+            if trace.ON:
+                for o in outputs:
+                    if o.request_id in untraced and o.new_token_ids:
+                        untraced.discard(o.request_id)
+                        trace.point("c_token", o.request_id)
             results.put(StepResult(outputs, stats, rejected, time.perf_counter() - t0))

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from shared import names
+from shared import names, trace
 from shared.messages import (
     Cancel,
     CompletionRecord,
@@ -111,6 +111,7 @@ class WorkerService:
         self._draining = asyncio.Event()
         self._exit = asyncio.Event()  # set by SIGTERM: exit once drained
         self._in_flight_adds = 0
+        self._read_at = 0.0  # when the last XREADGROUP returned (trace points)
         self.max_model_len = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -231,6 +232,7 @@ class WorkerService:
             resp: Any = await self.redis.xreadgroup(
                 names.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"},
                 count=max(1, min(self.settings.read_batch, room)), block=200)
+            self._read_at = time.time()
             # Each job goes to the engine before the round trip for its lookups, and that
             # round trip overlaps the next job's: a burst's last job does not wait for the
             # lookups of all the others.
@@ -252,6 +254,8 @@ class WorkerService:
             log.error("dropping malformed job %s: %s", entry_id, e)
             await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
             return
+        if first_delivery:
+            trace.point("f_read", job.id, self._read_at)
         # One round trip for the lookups and the start mark. NX: a redelivered job keeps its
         # first start, so its queue time stays the time it queued.
         now = time.time()
@@ -331,6 +335,7 @@ class WorkerService:
         self._in_flight_adds += len(adds)
         for add in adds:
             self._commands.put(add)
+        trace.point("f_engine", job.id)
         if not ckpt:
             # After the engine has the request, so the front's own set-up overlaps the
             # engine's step; no result is read before this returns to the event loop.
@@ -395,6 +400,11 @@ class WorkerService:
             if not isinstance(item, StepResult):
                 continue
             got = time.perf_counter()
+            if trace.ON:
+                for o in item.outputs:
+                    active = self.active.get(o.request_id)
+                    if o.new_token_ids and active is not None and not active.num_sent:
+                        trace.point("f_result", o.request_id)
             self.stats = item.stats
             self._in_flight_adds = 0
             for rej in item.rejected:
@@ -426,6 +436,8 @@ class WorkerService:
             if active is None:
                 continue
             seq = active.num_sent.get(d.index, 0)
+            if trace.ON and seq == 0 and d.index == 0 and d.token_ids:
+                trace.point("f_publish", d.request_id)
             active.num_sent[d.index] = seq + len(d.token_ids)
             if d.token_ids or d.finish_reason is not None:
                 ckpt_keys.append(names.checkpoint(self.model_name, d.request_id))
