@@ -48,6 +48,7 @@ from gateway.structured import (
     uses_tool_calls,
 )
 from shared import names, trace
+from shared.busy_poll import LoopPoller
 from shared.errors import (
     AuthenticationError,
     BadRequestError,
@@ -133,6 +134,7 @@ class BodyLimitAndMetrics:
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     state: dict[str, Any] = {}
+    poller = LoopPoller(settings.busy_poll_ms / 1e3)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -141,13 +143,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                                         timeout=30)
         state["redis"] = aioredis.Redis(connection_pool=pool)
         state["enqueue_if_room"] = state["redis"].register_script(_ENQUEUE_IF_ROOM)
-        state["router"] = ReplyRouter(state["redis"], names.gateway_channel(settings.gateway_id))
+        state["router"] = ReplyRouter(state["redis"], names.gateway_channel(settings.gateway_id),
+                                      on_message=poller.kick)
         await state["router"].start()
         watcher = asyncio.create_task(run_resilient(watch_fleet, "fleet view", log))
+        polling = asyncio.create_task(poller.run())
         log.info("gateway %s on reply channel %s, Redis %s", settings.gateway_id,
                  state["router"].channel, settings.redis_url)
         yield
         watcher.cancel()
+        polling.cancel()
         await state["router"].stop()
         await state["redis"].aclose()
 
@@ -429,7 +434,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # dependency solving (see _CompletionFastPath); innermost, so the error middleware and the
     # body limit and metrics still wrap them.
     app.user_middleware.append(Middleware(
-        _CompletionFastPath, run=run, authorize=tenant, models={
+        _CompletionFastPath, run=run, authorize=tenant, kick=poller.kick, models={
             "/v1/chat/completions": (ChatCompletionRequest, "chat"),
             "/v1/completions": (CompletionRequest, "completion")}))
 
@@ -562,9 +567,10 @@ class _CompletionFastPath:
     """
 
     def __init__(self, app: ASGIApp, run: Callable[..., Awaitable[Response]],
-                 authorize: Callable[[str | None], Awaitable[str]],
+                 authorize: Callable[[str | None], Awaitable[str]], kick: Callable[[], None],
                  models: dict[str, tuple[type[BaseModel], str]]) -> None:
         self.app, self.run, self.authorize, self.models = app, run, authorize, models
+        self.kick = kick  # busy polling: a request's reply is on its way
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.time()
@@ -572,6 +578,7 @@ class _CompletionFastPath:
         if route is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        self.kick()
         headers = Headers(scope=scope)
         chunks, more = [], True
         while more:

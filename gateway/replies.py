@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -18,9 +19,11 @@ log = logging.getLogger(__name__)
 class ReplyRouter:
     """Subscribes once to `channel` and hands each event to the queue of its request."""
 
-    def __init__(self, redis: aioredis.Redis, channel: str) -> None:
+    def __init__(self, redis: aioredis.Redis, channel: str,
+                 on_message: Callable[[], None] = lambda: None) -> None:
         self.redis = redis
         self.channel = channel
+        self._on_message = on_message  # called for every message on the channel
         self._queues: dict[str, asyncio.Queue[Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -56,6 +59,7 @@ class ReplyRouter:
         async for message in pubsub.listen():
             if message.get("type") != "message":
                 continue
+            self._on_message()
             try:
                 reply = Reply.model_validate_json(message["data"])
             except Exception as e:

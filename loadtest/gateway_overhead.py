@@ -1137,6 +1137,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="DIR",
                    help="bus: run the worker front and gateway under cProfile, stats to DIR")
     p.add_argument("--profile-top", type=int, default=25, help="functions shown per profile")
+    p.add_argument("--busy-poll-ms", type=float, default=0.0,
+                   help="the service's busy polling, gateway and worker (their busy_poll_ms; "
+                        "default 0, off, as they run by default)")
     p.add_argument("--redis-aof", action=argparse.BooleanOptionalAction, default=True,
                    help="Redis append-only file on, as `sluice up` runs it (default: on)")
     p.add_argument("--startup-timeout", type=float, default=180.0,
@@ -1172,6 +1175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.warmup_prompts is not None and args.warmup_prompts < 0:
         raise SystemExit("--warmup-prompts must be >= 0")
+    os.environ["SLUICE_BUSY_POLL_MS"] = str(args.busy_poll_ms)  # the service's processes read it
     # SIGTERM unwinds like Ctrl-C, so every child process is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report: dict[str, Any] = {

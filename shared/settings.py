@@ -140,6 +140,9 @@ class GatewaySettings(_Settings):
     idempotency_ttl_s: int = Field(default=86400, ge=1)
     gateway_id: str = Field(default_factory=_default_gateway_id, pattern=_ID_PATTERN)
     keepalive_s: float = Field(default=10.0, gt=0)  # SSE comment interval while a request waits
+    # Keep polling this long after each request or reply instead of sleeping (shared/busy_poll.py):
+    # lower latency for a core's worth of CPU; 0 (off) unless cores are plenty.
+    busy_poll_ms: float = Field(default=0.0, ge=0, le=1000)
 
     @field_validator("api_keys", "models", mode="before")
     @classmethod
@@ -198,6 +201,9 @@ class WorkerSettings(_Settings):
     max_deliveries: int = Field(default=3, ge=1)  # after this many, a job goes to the dead letters
     record_ttl_s: int = Field(default=3600, ge=1)
     read_batch: int = Field(default=16, ge=1)
+    # The front and the engine core keep polling this long after each job or step instead of
+    # sleeping (shared/busy_poll.py): lower latency for a core each; 0 (off) unless cores are plenty.
+    busy_poll_ms: float = Field(default=0.0, ge=0, le=1000)
     # Where requests without a seed draw from; None: a random seed per worker process, so
     # replicas (and restarts) do not repeat each other's "random" tokens.
     seed: int | None = Field(default=None, ge=0)

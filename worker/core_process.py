@@ -129,6 +129,7 @@ def run_core(engine_args: dict[str, Any], commands: Any, results: Any) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parent = os.getppid()  # before the slow engine start, during which the front may die
     sampling_seed = engine_args.pop("sampling_seed", None)
+    busy_poll_s = float(engine_args.pop("busy_poll_s", 0.0))
     try:
         config = EngineConfig(**engine_args.pop("config"))
         engine = Engine(config=config, **engine_args)
@@ -143,19 +144,26 @@ def run_core(engine_args: dict[str, Any], commands: Any, results: Any) -> None:
                                 engine.eos_token_ids), engine.vocab_size,
         prefetch=engine.device.type == "cuda"))
     untraced: set[str] = set()  # requests whose first token is still to come, when tracing
+    poll_until = 0.0
     while True:
         rejected: list[Rejected] = []
         outputs: list[EngineOutput] = []
         pending: list[Any] = []
-        # Idle: block for the next command instead of spinning, but notice a front that died
-        # without saying so (killed), so the engine and its memory do not outlive it.
+        # Idle: block for the next command (after busy_poll_s of polling for it, when asked
+        # for: shared/busy_poll.py), but notice a front that died without saying so (killed),
+        # so the engine and its memory do not outlive it.
         while not engine.has_unfinished_requests() and not pending:
             if grammars.any_ready():
                 break
             try:
+                if time.monotonic() < poll_until:
+                    pending.append(commands.get_nowait())
+                    continue
                 # While grammars compile, look back soon: their requests start when they are done.
                 pending.append(commands.get(timeout=0.005 if len(grammars) else 1.0))
             except queue.Empty:
+                if time.monotonic() < poll_until:
+                    continue
                 if os.getppid() != parent:
                     log.warning("the worker front is gone; the engine core exits")
                     return
@@ -203,3 +211,4 @@ def run_core(engine_args: dict[str, Any], commands: Any, results: Any) -> None:
                         untraced.discard(o.request_id)
                         trace.point("c_token", o.request_id)
             results.put(StepResult(outputs, stats, rejected, time.perf_counter() - t0))
+            poll_until = time.monotonic() + busy_poll_s

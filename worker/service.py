@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from shared import names, trace
+from shared.busy_poll import LoopPoller
 from shared.messages import (
     Cancel,
     CompletionRecord,
@@ -112,6 +113,7 @@ class WorkerService:
         self._exit = asyncio.Event()  # set by SIGTERM: exit once drained
         self._in_flight_adds = 0
         self._read_at = 0.0  # when the last XREADGROUP returned (trace points)
+        self._poller = LoopPoller(settings.busy_poll_ms / 1e3)
         self.max_model_len = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -140,6 +142,7 @@ class WorkerService:
         tasks = [asyncio.create_task(run_resilient(loop_fn, loop_fn.__name__, log))
                  for loop_fn in (self._pull_loop, self._result_loop, self._heartbeat_loop,
                                  self._cancel_loop, self._claim_loop, self._control_loop)]
+        tasks.append(asyncio.create_task(self._poller.run()))
         await self._draining.wait()
         self.state = "draining"
         await self._heartbeat()
@@ -180,7 +183,8 @@ class WorkerService:
         if s.kv_cache_memory_bytes is not None:
             config["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
         args = {"model_dir": str(self.model_dir), "device": s.device, "dtype": s.dtype,
-                "load_format": s.load_format, "config": config, "sampling_seed": s.seed}
+                "load_format": s.load_format, "config": config, "sampling_seed": s.seed,
+                "busy_poll_s": s.busy_poll_ms / 1e3}
         return run_core, args, "sluice-engine-core"
 
     def _start_core(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -233,6 +237,8 @@ class WorkerService:
                 names.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"},
                 count=max(1, min(self.settings.read_batch, room)), block=200)
             self._read_at = time.time()
+            if resp:
+                self._poller.kick()
             # Each job goes to the engine before the round trip for its lookups, and that
             # round trip overlaps the next job's: a burst's last job does not wait for the
             # lookups of all the others.
@@ -400,10 +406,11 @@ class WorkerService:
             if not isinstance(item, StepResult):
                 continue
             got = time.perf_counter()
+            self._poller.kick()
             if trace.ON:
                 for o in item.outputs:
                     active = self.active.get(o.request_id)
-                    if o.new_token_ids and active is not None and not active.num_sent:
+                    if o.new_token_ids and active is not None and not active.num_sent.get(0):
                         trace.point("f_result", o.request_id)
             self.stats = item.stats
             self._in_flight_adds = 0

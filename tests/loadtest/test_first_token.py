@@ -9,15 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from loadtest import first_token
 
 
-def test_every_hop_of_every_request_is_traced(tmp_path: Path) -> None:
+@pytest.mark.parametrize("busy_poll_ms", ["0", "2"])
+def test_every_hop_of_every_request_is_traced(tmp_path: Path, busy_poll_ms: str) -> None:
+    """With busy polling on too: the gateway, the front and the core poll between events."""
     out = tmp_path / "first_token.json"
     assert first_token.main(["--requests", "3", "--warmup", "1", "--output-len", "4",
-                             "--no-redis-aof", "--output-json", str(out)]) == 0
+                             "--no-redis-aof", "--busy-poll-ms", busy_poll_ms,
+                             "--output-json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["traced"] == 3
+    assert report["traced"] == 3, report["missing_points"]
     hops = report["hops_ms"]
     for a, b in itertools.pairwise(first_token.HOPS):
         assert hops[f"{a} -> {b}"]["p50"] >= 0, (a, b)

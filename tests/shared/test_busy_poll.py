@@ -1,0 +1,53 @@
+"""Busy polling holds the CPU for its window after a kick, and only then."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from shared.busy_poll import LoopPoller
+
+
+async def _cpu_over(poller: LoopPoller, seconds: float, kick: bool) -> float:
+    c0 = time.process_time()
+    if kick:
+        poller.kick()
+    await asyncio.sleep(seconds)
+    return time.process_time() - c0
+
+
+def test_polls_for_its_window_after_a_kick_then_sleeps() -> None:
+    async def main() -> tuple[float, float, float, int]:
+        poller = LoopPoller(0.15)
+        task = asyncio.create_task(poller.run())
+        await asyncio.sleep(0.05)
+        idle = await _cpu_over(poller, 0.2, kick=False)
+        polling = await _cpu_over(poller, 0.3, kick=True)
+        after = await _cpu_over(poller, 0.2, kick=False)
+        # Timers still fire while it polls: it yields to the loop on every turn.
+        fired = 0
+
+        def tick() -> None:
+            nonlocal fired
+            fired += 1
+
+        poller.kick()
+        for k in range(5):
+            asyncio.get_running_loop().call_later(0.01 * (k + 1), tick)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        return idle, polling, after, fired
+
+    idle, polling, after, fired = asyncio.run(main())
+    assert polling > 0.05  # about 0.15 s of CPU on an unloaded machine
+    assert idle < 0.03 and after < 0.03
+    assert fired == 5
+
+
+def test_a_zero_window_never_polls() -> None:
+    async def main() -> float:
+        poller = LoopPoller(0.0)
+        await poller.run()  # returns at once
+        return await _cpu_over(poller, 0.2, kick=True)
+
+    assert asyncio.run(main()) < 0.03
