@@ -76,9 +76,8 @@ class JobRequest(BaseModel):
 
 
 # The gateway's view of the fleet (which models are served, and their states) is read this
-# often in the background; a request for a model not in it reads it again at most this often.
+# often in the background; a request for a model not in it reads it again.
 _FLEET_REFRESH_S = 0.25
-_FLEET_RECHECK_S = 0.1
 
 # XADD the job unless the queue already holds the cap; answers the entry id, or the depth
 # (an integer) when full.
@@ -211,9 +210,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     async def check_model(model: str) -> None:
         # A model not in the view may have come up since it was read: read it again before
-        # saying no (at most every _FLEET_RECHECK_S, so unknown names cannot flood Redis).
+        # saying no, so a worker that just became ready serves its first request.
         if model not in await served_models() and \
-                model not in await served_models(max_age_s=_FLEET_RECHECK_S):
+                model not in await served_models(max_age_s=0.0):
             raise NotFoundError(f"model {model!r} is not served here; GET /v1/models lists them",
                                 param="model")
 
