@@ -7,7 +7,7 @@ work out whether to call it (per token) can skip that too. Tags, in path order:
     g_in      the gateway took the request (its body read)
     g_xadd    the gateway sends the job (admission script)
     f_read    the worker front's XREADGROUP returned it
-    f_engine  the front wrote it to the engine core
+    f_engine  the front writes it to the engine core
     c_add     the core took it
     c_token   the core's step made its first token
     f_result  the front read that step's results

@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from shared import names, trace
-from shared.busy_poll import LoopPoller
+from shared.busy_poll import LoopPoller, run_loop
 from shared.messages import (
     Cancel,
     CompletionRecord,
@@ -339,9 +339,10 @@ class WorkerService:
         active.engine_ids = [add.request_id for add in adds]
         self.active[job.id] = active
         self._in_flight_adds += len(adds)
+        # Timed before the write: the core may take the request before this process goes on.
+        trace.point("f_engine", job.id)
         for add in adds:
             self._commands.put(add)
-        trace.point("f_engine", job.id)
         if not ckpt:
             # After the engine has the request, so the front's own set-up overlaps the
             # engine's step; no result is read before this returns to the event loop.
@@ -669,9 +670,4 @@ def serve(settings: WorkerSettings) -> None:
 
 def run_front(service: WorkerService) -> None:
     """Runs a worker front to its end, on uvloop where it is installed (a faster event loop)."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(service.run())
-    else:
-        uvloop.run(service.run())
+    run_loop(service.run())
