@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import sys
 import tempfile
 from collections import defaultdict
@@ -94,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts, _ = make_workload(args.warmup + args.requests, args.input_len, args.output_len, 0.0,
                                vocab, seed=0)
     with tempfile.TemporaryDirectory(prefix="sluice-trace-") as trace_dir:
-        # Read by every process of the service at start-up (they inherit this environment).
-        os.environ["SLUICE_TRACE_DIR"] = trace_dir
-        os.environ["SLUICE_BUSY_POLL_MS"] = str(args.busy_poll_ms)
-        with running_service(args.redis_aof, startup_timeout_s=180) as svc:
+        env = {"SLUICE_TRACE_DIR": trace_dir, "SLUICE_BUSY_POLL_MS": str(args.busy_poll_ms)}
+        with running_service(args.redis_aof, startup_timeout_s=180, process_env=env) as svc:
             svc.start_gateway(total_jobs=len(prompts))
             svc.spawn("worker", ["-m", "infra.cli", "worker", "--model", str(model_dir),
                                  "--served-model-name", "tiny"],
@@ -107,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
             svc.wait_ready("tiny", "worker")
             streams, _ = asyncio.run(run_http(svc.base_url, "tiny", prompts, args.output_len,
                                               1, parse=True, client="raw"))
-        del os.environ["SLUICE_TRACE_DIR"], os.environ["SLUICE_BUSY_POLL_MS"]
         table, complete, missing = hop_table(streams[args.warmup:],
                                              read_points(Path(trace_dir)))
     print(f"first token, one request at a time: {complete} of {args.requests} requests traced "

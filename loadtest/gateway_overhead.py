@@ -285,7 +285,9 @@ class CpuMeter:
 class Service:
     """A private redis-server, a gateway and workers, each a child process; close() stops all."""
 
-    def __init__(self, workdir: Path, aof: bool, startup_timeout_s: float) -> None:
+    def __init__(self, workdir: Path, aof: bool, startup_timeout_s: float,
+                 process_env: dict[str, str] | None = None) -> None:
+        self.process_env = process_env or {}  # for every process of the service
         self.workdir = workdir
         self.timeout_s = startup_timeout_s
         self.redis = RedisServer(data_dir=workdir / "redis", appendonly=aof)
@@ -298,7 +300,8 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self, **extra: Any) -> dict[str, str]:
-        env = {**os.environ, "SLUICE_REDIS_URL": self.redis.url, "SLUICE_API_KEYS": API_KEY}
+        env = {**os.environ, **self.process_env, "SLUICE_REDIS_URL": self.redis.url,
+               "SLUICE_API_KEYS": API_KEY}
         env.update({f"SLUICE_{k.upper()}": str(v) for k, v in extra.items() if v is not None})
         return env
 
@@ -399,9 +402,10 @@ class Service:
 
 
 @contextlib.contextmanager
-def running_service(aof: bool, startup_timeout_s: float) -> Iterator[Service]:
+def running_service(aof: bool, startup_timeout_s: float,
+                    process_env: dict[str, str] | None = None) -> Iterator[Service]:
     with tempfile.TemporaryDirectory(prefix="sluice-overhead-") as tmp:
-        svc = Service(Path(tmp), aof, startup_timeout_s)
+        svc = Service(Path(tmp), aof, startup_timeout_s, process_env)
         try:
             svc.start_redis()
             yield svc
@@ -746,7 +750,7 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
     problems: list[str] = []
     print(f"latency: {n} requests, {sizes['input_len']} in / {out_len} out, concurrency {c}, "
           f"{args.repeats} pass(es) each side, model {args.model} on {args.device}")
-    with running_service(args.redis_aof, args.startup_timeout) as svc:
+    with running_service(args.redis_aof, args.startup_timeout, _service_env(args)) as svc:
         svc.start_gateway(total_jobs=len(warm) + n * (args.repeats + 1))
         svc.spawn("worker", ["-m", "infra.cli", "worker", "--model", str(model_dir),
                              "--served-model-name", model],
@@ -816,6 +820,11 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
                      "torch_threads": args.torch_threads}}
     _print_latency(result)
     return result
+
+
+def _service_env(args: argparse.Namespace) -> dict[str, str]:
+    """Settings every process of the service gets from this run's flags."""
+    return {"SLUICE_BUSY_POLL_MS": str(args.busy_poll_ms)}
 
 
 def _dbsize(url: str) -> int:
@@ -963,7 +972,7 @@ def bus_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]:
     problems: list[str] = []
     profiles: dict[str, str] = {}
     started: dict[str, int] = {}
-    with running_service(args.redis_aof, args.startup_timeout) as svc:
+    with running_service(args.redis_aof, args.startup_timeout, _service_env(args)) as svc:
         gw_prof = profile_dir / "gateway.prof" if profile_dir else None
         svc.start_gateway(total_jobs=2 * (n + len(warm)) * len(args.null_step_ms),
                           profile=gw_prof)
@@ -1175,7 +1184,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.warmup_prompts is not None and args.warmup_prompts < 0:
         raise SystemExit("--warmup-prompts must be >= 0")
-    os.environ["SLUICE_BUSY_POLL_MS"] = str(args.busy_poll_ms)  # the service's processes read it
     # SIGTERM unwinds like Ctrl-C, so every child process is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report: dict[str, Any] = {

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.gateway_overhead import RawConnection, parse_ms_list, summarize
+from shared.busy_poll import run_loop
 
 STREAM, GROUP, CHANNEL = "floor:q", "floor", "floor:reply"
 # One SSE event shaped like a completion chunk, so the latency mode's client reads it as one.
@@ -43,15 +44,6 @@ DONE = b"data: [DONE]\n\n"
 
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def _loop_run(main: Any) -> None:
-    try:
-        import uvloop
-    except ImportError:  # the service falls back to asyncio's own loop the same way
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
 
 
 # -- the bare engine core and worker front ------------------------------------------------------
@@ -100,7 +92,7 @@ def run_front(redis_url: str) -> None:
         os._exit(0)
     os.close(commands_r)
     os.close(results_w)
-    _loop_run(_front(redis_url, commands_w, results_r))
+    run_loop(_front(redis_url, commands_w, results_r))
 
 
 # -- the bare gateway -------------------------------------------------------------------------
@@ -236,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         run_front(args.redis_url)
         return 0
     if args.role == "gateway":
-        _loop_run(_gateway(args.redis_url, args.port))
+        run_loop(_gateway(args.redis_url, args.port))
         return 0
     from loadtest.gateway_overhead import _git_state
     from loadtest.offline import _write_json
