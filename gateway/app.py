@@ -36,6 +36,7 @@ from gateway.protocol import (
     completion_chunk,
     completion_response,
     completions_from_events,
+    stream_continuous_usage,
     stream_include_usage,
     to_job_off_loop,
     usage_chunk,
@@ -375,7 +376,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         seen: list[Event] = []
         offsets: dict[int, int] = {}
         tool_calls = ToolCallStream() if job.tools is not None else None
-        text_lines = _TextLines(kind, job) if tool_calls is None else None
+        # stream_options.continuous_usage_stats: every chunk carries the usage so far, with
+        # the completion tokens of its own choice (the prompt's length comes on the first event).
+        continuous = stream_continuous_usage(req)
+        prompt_tokens = 0
+        generated: dict[int, int] = {}
+        text_lines = _TextLines(kind, job) if tool_calls is None and not continuous else None
         try:
             while not progress.done:
                 try:
@@ -407,8 +413,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                             out.append(line)
                             offsets[ev.index] = offsets.get(ev.index, 0) + len(ev.text)
                         else:
+                            so_far = None
+                            if continuous:
+                                prompt_tokens = ev.prompt_tokens or prompt_tokens
+                                done = generated[ev.index] = (generated.get(ev.index, 0)
+                                                              + len(ev.token_ids))
+                                so_far = Usage(prompt_tokens=prompt_tokens, completion_tokens=done,
+                                               total_tokens=prompt_tokens + done)
                             chunks = _stream_chunks(ev, kind, job, offsets,
-                                                    first=not first.get(ev.index))
+                                                    first=not first.get(ev.index), usage=so_far)
                             for chunk in tool_calls.rewrite(chunks) if tool_calls else chunks:
                                 out.append(f"data: {json.dumps(chunk)}\n\n")
                         first[ev.index] = True
@@ -650,7 +663,12 @@ async def _replay(record: RequestRecord, kind: str, req: Any) -> AsyncIterator[s
     for c in record.completions:
         ev = Event(req_id=record.id, index=c.index, seq=0, text=c.text, token_ids=c.token_ids,
                    finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-        chunks = _stream_chunks(ev, kind, job, offsets, first=True)
+        so_far = None
+        if record.usage is not None and stream_continuous_usage(req):
+            n = len(c.token_ids)
+            so_far = Usage(prompt_tokens=record.usage.prompt_tokens, completion_tokens=n,
+                           total_tokens=record.usage.prompt_tokens + n)
+        chunks = _stream_chunks(ev, kind, job, offsets, first=True, usage=so_far)
         for chunk in tool_calls.rewrite(chunks) if tool_calls else chunks:
             yield f"data: {json.dumps(chunk)}\n\n"
     if record.usage is not None and stream_include_usage(req):
@@ -688,18 +706,18 @@ class _TextLines:
         return parts[0] + json.dumps(ev.text) + parts[1]
 
 
-def _stream_chunks(ev: Event, kind: str, job: Job, offsets: dict[int, int],
-                   first: bool) -> list[dict[str, Any]]:
+def _stream_chunks(ev: Event, kind: str, job: Job, offsets: dict[int, int], first: bool,
+                   usage: Usage | None = None) -> list[dict[str, Any]]:
     created = int(job.created)
     if kind == "chat":
         return chat_event_chunks(ev, request_id=job.id, model=job.model, created=created,
-                                 first=first)
+                                 first=first, usage=usage)
     offset = offsets.get(ev.index, 0)
     offsets[ev.index] = offset + len(ev.text)
     return [completion_chunk(request_id=job.id, model=job.model, created=created,
                              index=ev.index, text=ev.text, logprobs=ev.logprobs,
                              text_offset=offset, finish_reason=ev.finish_reason,
-                             stop_reason=ev.stop_reason)]
+                             stop_reason=ev.stop_reason, usage=usage)]
 
 
 def _worker_error(ev: Event) -> SluiceError:

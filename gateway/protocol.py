@@ -631,7 +631,13 @@ def chat_event_chunks(event: Event, *, request_id: str, model: str, created: int
            "usage": usage}
     chunks = []
     if first:
-        chunks.append(chat_chunk(role=True, content="", **ids))
+        role = dict(ids)
+        if usage is not None:  # the role chunk comes before the event's tokens
+            k = len(event.token_ids)
+            role["usage"] = Usage(prompt_tokens=usage.prompt_tokens,
+                                  completion_tokens=usage.completion_tokens - k,
+                                  total_tokens=usage.total_tokens - k)
+        chunks.append(chat_chunk(role=True, content="", **role))
     if event.text or event.logprobs:
         chunks.append(chat_chunk(content=event.text, logprobs=event.logprobs, **ids))
     if event.finish_reason is not None:

@@ -425,8 +425,9 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
                             parse: bool, opening: asyncio.Semaphore | None = None) -> Stream:
     """POSTs one streaming completion and times every token chunk as it arrives.
 
-    parse=True decodes every chunk (finish reason, usage); parse=False only counts the `data:`
-    events, which keeps the client cheap when it must keep up with many streams. `opening`,
+    parse=True decodes every chunk (finish reason, usage); parse=False (null-engine streams)
+    only counts the characters of each chunk's text, which keeps the client cheap when it must
+    keep up with many streams. `opening`,
     when given, is held from sending the request until its response headers arrive.
     """
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -454,8 +455,11 @@ async def stream_completion(client: httpx.AsyncClient, url: str, body: dict[str,
 class _SSETimer:
     """Times one stream's SSE `data:` events as its bytes arrive, for either client.
 
-    parse=True decodes every chunk (finish reason, usage); parse=False only counts the events
-    and reads the finish reason from the last one."""
+    parse=True decodes every chunk (finish reason, usage; the request asks for usage on every
+    chunk, whose completion tokens say how many tokens the chunk holds); parse=False,
+    for the null engine's streams only, counts a chunk's tokens as the characters of its text,
+    found without decoding the JSON (each null token is one character, and an event of a worker
+    front that fell behind carries several), and reads the finish reason from the last one."""
 
     def __init__(self, s: Stream, parse: bool) -> None:
         self.s, self.parse = s, parse
@@ -472,15 +476,21 @@ class _SSETimer:
             if payload == b"[DONE]":
                 continue
             if not self.parse:
-                s.token_times.append(now)
+                at = payload.find(b'"text":')
+                if at >= 0:
+                    start = payload.index(b'"', at + 7) + 1
+                    s.token_times += [now] * (payload.index(b'"', start) - start)
                 self._last = payload
                 continue
             chunk = json.loads(payload)
-            if chunk.get("usage"):
-                s.usage_tokens = chunk["usage"]["completion_tokens"]
+            usage = chunk.get("usage")
             for choice in chunk.get("choices") or []:
-                s.token_times.append(now)
+                # The chunk's tokens: its choice's count so far less the count before.
+                seen = len(s.token_times)
+                s.token_times += [now] * ((usage["completion_tokens"] - seen) if usage else 1)
                 s.finish_reason = choice.get("finish_reason") or s.finish_reason
+            if usage:
+                s.usage_tokens = usage["completion_tokens"]
 
     def close(self) -> None:
         if not self.parse and self._last:
@@ -491,7 +501,9 @@ def completion_body(model: str, prompt: list[int], output_len: int, usage: bool)
     body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": output_len,
                             "temperature": 0.0, "ignore_eos": True, "stream": True}
     if usage:
-        body["stream_options"] = {"include_usage": True}
+        # Usage on every chunk: a chunk can hold several tokens (a worker front that fell
+        # behind publishes steps together), and its usage says how many.
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     return body
 
 
@@ -954,9 +966,16 @@ def bus_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]:
     from loadtest.offline import make_workload
     from worker.models.config import ModelConfig
     from worker.models.registry import resolve_model
+    from worker.null_core import DEFAULT_TOKEN_ID as NULL_TOKEN_ID
+    from worker.tokenizer import Tokenizer
 
     model_dir = resolve_model(args.model)
     vocab = ModelConfig.from_dir(model_dir).vocab_size
+    # The HTTP client counts a chunk's tokens as its text's characters (see _SSETimer).
+    text = Tokenizer.load(model_dir).decode([NULL_TOKEN_ID] * 3)
+    if len(text) != 3 or json.dumps(text) != f'"{text}"':
+        raise SystemExit(f"bus mode needs a tokenizer that decodes token {NULL_TOKEN_ID} to one "
+                         f"plain character each; {args.model!r} gives {text!r} for three")
     n, c, out_len = sizes["num_prompts"], sizes["concurrency"], sizes["output_len"]
     prompts, _ = make_workload(n, sizes["input_len"], out_len, 0.0, vocab, args.seed)
     warm, _ = make_workload(min(n, 16), sizes["input_len"], min(out_len, 16), 0.0, vocab,

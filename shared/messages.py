@@ -59,6 +59,9 @@ class Event(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     usage: Usage | None = None
+    # On a completion's first event: the prompt's length in tokens, so that a stream can carry
+    # its usage so far on every chunk (stream_options.continuous_usage_stats).
+    prompt_tokens: int | None = None
     error: str | None = None  # set with finish_reason "error"
     error_type: str | None = None  # e.g. "invalid_request_error" for input the worker rejected
 

@@ -66,6 +66,25 @@ class CompletionDelta:
     error: str | None
 
 
+def merge_deltas(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
+    """Several steps' deltas as one per completion, in the order completions first appear:
+    text, tokens and logprobs joined in step order, the end taken from the last (no delta
+    follows a completion's end). What the client and the checkpoint get is the same as from
+    the steps one by one, in fewer pieces."""
+    merged: dict[tuple[str, int], CompletionDelta] = {}
+    for d in deltas:
+        key = (d.request_id, d.index)
+        m = merged.get(key)
+        if m is None:
+            merged[key] = d
+            continue
+        merged[key] = CompletionDelta(
+            d.request_id, d.index, m.text + d.text, m.token_ids + d.token_ids,
+            None if m.logprobs is None or d.logprobs is None else m.logprobs + d.logprobs,
+            d.finish_reason, d.stop_reason, d.error)
+    return list(merged.values())
+
+
 @dataclass
 class _Completion:
     output: CompletionOutput

@@ -54,7 +54,7 @@ from worker.engine.errors import InvalidRequestError
 from worker.engine.sampling_params import SamplingParams
 from worker.metrics import WorkerMetrics
 from worker.models.registry import resolve_model
-from worker.outputs import CompletionDelta, Logprob, OutputProcessor
+from worker.outputs import CompletionDelta, Logprob, OutputProcessor, merge_deltas
 from worker.pipe import LoopReader, LoopWriter, make_pipe
 from worker.tokenizer import Tokenizer
 
@@ -399,37 +399,53 @@ class WorkerService:
 
     async def _result_loop(self) -> None:
         while True:
-            item = await self._step_results.get()
-            if isinstance(item, Failed):
-                log.error("engine core failed: %s", item.message)
-                self.drain()
-                continue
-            if not isinstance(item, StepResult):
-                continue
+            items = [await self._step_results.get()]
+            # A front that fell behind the core takes every step already waiting and publishes
+            # them as one: a completion's tokens from several steps go out in one event, one
+            # checkpoint line and one PUBLISH per channel, so the backlog shrinks instead of
+            # growing with every step the core makes meanwhile.
+            while not self._step_results.empty():
+                items.append(self._step_results.get_nowait())
             got = time.perf_counter()
             self._poller.kick()
-            if trace.ON:
-                for o in item.outputs:
-                    active = self.active.get(o.request_id)
-                    if o.new_token_ids and active is not None and not active.num_sent.get(0):
-                        trace.point("f_result", o.request_id)
-            self.stats = item.stats
-            self._in_flight_adds = 0
-            for rej in item.rejected:
-                rid, _ = self.processor.owner(rej.request_id)
-                active = self.active.get(rid)
-                if active is not None:
-                    self.processor.pop(rid)
-                    others = [e for e in active.engine_ids if e != rej.request_id]
-                    if others:  # the request's other resumed completions end with it
-                        self._commands.put(Abort(others))
-                    await self._fail(active.job, active.entry_id, active.prompt_token_ids,
-                                     rej.message, "invalid_request_error")
-            deltas, stops = self.processor.process(item.outputs)
-            for rid, index, stop in stops:
-                self._commands.put(StopCompletion(rid, index, stop))
-            await self._publish(deltas, got)
-            self.metrics.step(item.stats, sum(len(o.new_token_ids) for o in item.outputs))
+            deltas: list[CompletionDelta] = []
+            steps: list[tuple[EngineStats, int]] = []
+            for item in items:
+                if isinstance(item, Failed):
+                    log.error("engine core failed: %s", item.message)
+                    self.drain()
+                elif isinstance(item, StepResult):
+                    deltas += await self._take_step(item)
+                    steps.append((item.stats, sum(len(o.new_token_ids) for o in item.outputs)))
+            if deltas:
+                await self._publish(deltas if len(steps) == 1 else merge_deltas(deltas), got)
+            for stats, num_tokens in steps:
+                self.metrics.step(stats, num_tokens)
+
+    async def _take_step(self, item: StepResult) -> list[CompletionDelta]:
+        """One step's results through the output processor: its rejections failed, its
+        completions' text and stop strings worked out; returns their deltas."""
+        if trace.ON:
+            for o in item.outputs:
+                active = self.active.get(o.request_id)
+                if o.new_token_ids and active is not None and not active.num_sent.get(0):
+                    trace.point("f_result", o.request_id)
+        self.stats = item.stats
+        self._in_flight_adds = 0
+        for rej in item.rejected:
+            rid, _ = self.processor.owner(rej.request_id)
+            active = self.active.get(rid)
+            if active is not None:
+                self.processor.pop(rid)
+                others = [e for e in active.engine_ids if e != rej.request_id]
+                if others:  # the request's other resumed completions end with it
+                    self._commands.put(Abort(others))
+                await self._fail(active.job, active.entry_id, active.prompt_token_ids,
+                                 rej.message, "invalid_request_error")
+        deltas, stops = self.processor.process(item.outputs)
+        for rid, index, stop in stops:
+            self._commands.put(StopCompletion(rid, index, stop))
+        return deltas
 
     async def _publish(self, deltas: list[CompletionDelta], got: float) -> None:
         """One pipeline for the step's checkpoints and PUBLISHes, then its metrics (timed at
@@ -457,6 +473,8 @@ class WorkerService:
             # objects cost more than the rest of the publish. Fields left out take their defaults.
             event: dict[str, Any] = {"req_id": d.request_id, "index": d.index, "seq": seq,
                                      "text": d.text, "token_ids": d.token_ids}
+            if seq == 0:
+                event["prompt_tokens"] = len(active.prompt_token_ids)
             lps = self._logprobs(d, active.job)
             if lps is not None:
                 event["logprobs"] = lps

@@ -49,6 +49,30 @@ def test_completion_stream_matches_non_stream(service: Service) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
 
 
+def test_continuous_usage_counts_every_chunks_tokens(service: Service) -> None:
+    """stream_options.continuous_usage_stats: every chunk carries the usage so far, so a client
+    counts tokens even where one chunk holds several; chat and completions, n=2."""
+    client = service.client()
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model="tiny", prompt="Paged attention",
+                                            max_tokens=12, temperature=0.0, stream=True, n=2,
+                                            stream_options=options))  # type: ignore[arg-type]
+    prompt = chunks[-1].usage.prompt_tokens if chunks[-1].usage else 0
+    assert prompt > 0 and not chunks[-1].choices
+    for index in (0, 1):
+        mine = [c for c in chunks if c.choices and c.choices[0].index == index]
+        counts = [c.usage.completion_tokens for c in mine if c.usage is not None]
+        assert len(counts) == len(mine) and counts == sorted(counts) and counts[-1] == 12
+        assert all(c.usage is not None and c.usage.prompt_tokens == prompt
+                   and c.usage.total_tokens == prompt + c.usage.completion_tokens for c in mine)
+    chat = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+        temperature=0.0, stream=True, stream_options=options))  # type: ignore[arg-type]
+    assert all(c.usage is not None for c in chat)
+    assert chat[0].usage is not None and chat[0].usage.completion_tokens == 0  # the role chunk
+    assert chat[-2].usage is not None and chat[-2].usage.completion_tokens == 6
+
+
 def test_n_logprobs_and_stop(service: Service, offline: LLM) -> None:
     client = service.client()
     reply = client.chat.completions.create(

@@ -15,7 +15,7 @@ from shared import names
 from worker import checkpoint
 from worker.engine.engine import EngineOutput
 from worker.engine.sampling_params import SamplingParams
-from worker.outputs import OutputProcessor
+from worker.outputs import CompletionDelta, Logprob, OutputProcessor, merge_deltas
 from worker.tokenizer import Tokenizer
 
 VOCAB = 2048
@@ -76,6 +76,61 @@ def test_replay_then_continue_gives_the_clients_text(tokenizer: Tokenizer, ids: 
     done = resumed.pop("r")
     assert done is not None and done.outputs[1].finish_reason == full.outputs[1].finish_reason
     assert resumed.owner("r#1") == ("r#1", 0)  # the route went with the request
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.lists(st.integers(min_value=0, max_value=VOCAB - 1), min_size=1, max_size=30),
+       groups=st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=4),
+       stop=st.sampled_from([[], ["e"], ["th", "a "]]))
+def test_steps_merged_by_a_lagging_front_give_the_same_stream_and_checkpoint(
+        tokenizer: Tokenizer, ids: list[int], groups: list[int], stop: list[str]) -> None:
+    """A front that fell behind publishes several steps' deltas as one per completion: the
+    client gets the same text, tokens and end in fewer pieces, and the checkpoint lines those
+    pieces make replay to that text."""
+    params = SamplingParams(n=2, max_tokens=len(ids), stop=stop)
+    proc = OutputProcessor(tokenizer)
+    proc.add_request("r", None, [1, 2, 3], params)
+    steps = []
+    for i in range(len(ids)):
+        end = "length" if i == len(ids) - 1 else None
+        deltas, _ = proc.process([EngineOutput("r", 0, [ids[i]], finish_reason=end),
+                                  EngineOutput("r", 1, [ids[-1 - i]], finish_reason=end)])
+        steps.append(deltas)
+    merged, k = [], 0
+    for size in (groups * len(ids))[:len(ids)]:
+        if k < len(steps):
+            group = merge_deltas([d for step in steps[k:k + size] for d in step])
+            assert len({d.index for d in group}) == len(group)  # one delta per completion
+            merged.append(group)
+        k += size
+    replayed = OutputProcessor(tokenizer)
+    replayed.add_request("r", None, [1, 2, 3], params)
+    for index in (0, 1):
+        one = [d for step in steps for d in step if d.index == index]
+        joined = [d for group in merged for d in group if d.index == index]
+        assert "".join(d.text for d in joined) == "".join(d.text for d in one)
+        assert [t for d in joined for t in d.token_ids] == [t for d in one for t in d.token_ids]
+        assert (joined[-1].finish_reason, joined[-1].stop_reason) == (one[-1].finish_reason,
+                                                                      one[-1].stop_reason)
+        assert all(d.finish_reason is None for d in joined[:-1])
+        out = replayed.replay("r", index, [d.token_ids for d in joined if d.token_ids],
+                              joined[-1].finish_reason, joined[-1].stop_reason)
+        assert out.text == "".join(d.text for d in one)
+        assert (out.finish_reason, out.stop_reason) == (one[-1].finish_reason, one[-1].stop_reason)
+
+
+def test_merged_deltas_join_logprobs_in_step_order() -> None:
+    def delta(rid: str, tokens: list[int], logprobs: bool, end: str | None = None
+              ) -> CompletionDelta:
+        lps = [{t: Logprob(-float(t))} for t in tokens] if logprobs else None
+        return CompletionDelta(rid, 0, "".join(map(str, tokens)), tokens, lps, end, None, None)
+
+    a, b = merge_deltas([delta("a", [1], True), delta("b", [7], False), delta("a", [2, 3], True),
+                         delta("b", [8], False, "length"), delta("a", [4], True, "stop")])
+    assert (a.request_id, a.text, a.token_ids, a.finish_reason) == ("a", "1234", [1, 2, 3, 4],
+                                                                    "stop")
+    assert a.logprobs is not None and [next(iter(e)) for e in a.logprobs] == [1, 2, 3, 4]
+    assert (b.text, b.token_ids, b.logprobs, b.finish_reason) == ("78", [7, 8], None, "length")
 
 
 def test_one_script_call_appends_a_step_for_every_request(redis_url: str) -> None:
