@@ -141,6 +141,10 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
                    help="the front and the engine core keep polling this many ms after each "
                         "job or step instead of sleeping: lower latency for a core each; only "
                         "where cores are plenty (default 0, off)")
+    p.add_argument("--core-busy-poll-ms", type=float,
+                   help="the engine core's polling window alone, in ms (default: "
+                        "--busy-poll-ms where given, else 20 on a GPU and 0 on the CPU); a core "
+                        "that kept polling also steps faster once a request comes")
     p.set_defaults(func=_worker)
 
 
@@ -150,7 +154,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     serve(load_settings(WorkerSettings, **_given(
         args, "model", "served_model_name", "redis_url", "device", "dtype", "load_format",
-        "max_num_seqs", "worker_id", "metrics_port", "busy_poll_ms")))
+        "max_num_seqs", "worker_id", "metrics_port", "busy_poll_ms", "core_busy_poll_ms")))
     return 0
 
 

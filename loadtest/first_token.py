@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-aof", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--busy-poll-ms", type=float, default=0.0,
                    help="the gateway's and the worker's busy polling (default 0, off)")
+    p.add_argument("--core-busy-poll-ms", type=float, default=None,
+                   help="the worker's engine core alone (default: the worker's own, "
+                        "--busy-poll-ms where given, else 20 on a GPU)")
     p.add_argument("--output-json", default="results/first_token.json")
     args = p.parse_args(argv)
 
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                                vocab, seed=0)
     with tempfile.TemporaryDirectory(prefix="sluice-trace-") as trace_dir:
         env = {"SLUICE_TRACE_DIR": trace_dir, "SLUICE_BUSY_POLL_MS": str(args.busy_poll_ms)}
+        if args.core_busy_poll_ms is not None:
+            env["SLUICE_CORE_BUSY_POLL_MS"] = str(args.core_busy_poll_ms)
         with running_service(args.redis_aof, startup_timeout_s=180, process_env=env) as svc:
             svc.start_gateway(total_jobs=len(prompts))
             svc.spawn("worker", ["-m", "infra.cli", "worker", "--model", str(model_dir),

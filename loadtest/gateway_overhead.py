@@ -836,7 +836,10 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
 
 def _service_env(args: argparse.Namespace) -> dict[str, str]:
     """Settings every process of the service gets from this run's flags."""
-    return {"SLUICE_BUSY_POLL_MS": str(args.busy_poll_ms)}
+    env = {"SLUICE_BUSY_POLL_MS": str(args.busy_poll_ms)}
+    if args.core_busy_poll_ms is not None:
+        env["SLUICE_CORE_BUSY_POLL_MS"] = str(args.core_busy_poll_ms)
+    return env
 
 
 def _dbsize(url: str) -> int:
@@ -1168,6 +1171,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-poll-ms", type=float, default=0.0,
                    help="the service's busy polling, gateway and worker (their busy_poll_ms; "
                         "default 0, off, as they run by default)")
+    p.add_argument("--core-busy-poll-ms", type=float, default=None,
+                   help="the worker's engine core alone (its core_busy_poll_ms; default: the "
+                        "worker's own: --busy-poll-ms where given, else 20 on a GPU)")
     p.add_argument("--redis-aof", action=argparse.BooleanOptionalAction, default=True,
                    help="Redis append-only file on, as `sluice up` runs it (default: on)")
     p.add_argument("--startup-timeout", type=float, default=180.0,

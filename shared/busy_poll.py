@@ -8,7 +8,8 @@ token crosses five such processes. On the H200 host the bare chain of the servic
 0.57-0.79 ms with them polling. Polling holds a core per process for as long as it lasts, so it
 is off unless asked for (`busy_poll_ms` of the gateway and the worker): worth it where cores are
 plenty, as on a GPU host; harmful on a machine with fewer cores than busy processes, where the
-pollers take the CPU from the processes doing the work.
+pollers take the CPU from the processes doing the work. The one exception is the engine core on
+a GPU, which polls unless told otherwise (`core_busy_poll_ms`, worker/core_process.py).
 """
 
 from __future__ import annotations

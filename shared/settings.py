@@ -204,6 +204,10 @@ class WorkerSettings(_Settings):
     # The front and the engine core keep polling this long after each job or step instead of
     # sleeping (shared/busy_poll.py): lower latency for a core each; 0 (off) unless cores are plenty.
     busy_poll_ms: float = Field(default=0.0, ge=0, le=1000)
+    # The engine core's own window. None: busy_poll_ms where that is on, else 20 ms for a core
+    # on a GPU and 0 on the CPU. The core alone is one process on a host that has cores to
+    # spare, and a core woken from sleep also steps slower than one that kept polling.
+    core_busy_poll_ms: float | None = Field(default=None, ge=0, le=1000)
     # Where requests without a seed draw from; None: a random seed per worker process, so
     # replicas (and restarts) do not repeat each other's "random" tokens.
     seed: int | None = Field(default=None, ge=0)

@@ -184,7 +184,7 @@ class WorkerService:
             config["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
         args = {"model_dir": str(self.model_dir), "device": s.device, "dtype": s.dtype,
                 "load_format": s.load_format, "config": config, "sampling_seed": s.seed,
-                "busy_poll_s": s.busy_poll_ms / 1e3}
+                "busy_poll_s": _core_busy_poll_s(s)}
         return run_core, args, "sluice-engine-core"
 
     def _start_core(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -680,6 +680,14 @@ class WorkerService:
         if self.active:  # keep our pending jobs fresh so no live request is claimed away
             await self.redis.xclaim(self.stream, names.WORKER_GROUP, self.settings.worker_id, 0,
                                     [a.entry_id for a in self.active.values()], justid=True)
+
+
+def _core_busy_poll_s(s: WorkerSettings) -> float | None:
+    """The engine core's polling window: core_busy_poll_ms, else busy_poll_ms where that is on,
+    else None, which lets the core choose by its device (worker/core_process.py)."""
+    if s.core_busy_poll_ms is not None:
+        return s.core_busy_poll_ms / 1e3
+    return s.busy_poll_ms / 1e3 if s.busy_poll_ms > 0 else None
 
 
 def serve(settings: WorkerSettings) -> None:

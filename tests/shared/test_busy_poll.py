@@ -51,3 +51,14 @@ def test_a_zero_window_never_polls() -> None:
         return await _cpu_over(poller, 0.2, kick=True)
 
     assert asyncio.run(main()) < 0.03
+
+
+def test_the_engine_core_window_follows_the_worker_settings() -> None:
+    from shared.settings import WorkerSettings
+    from worker.service import _core_busy_poll_s
+
+    # Unset: the core chooses by its device (polling on a GPU only).
+    assert _core_busy_poll_s(WorkerSettings()) is None
+    assert _core_busy_poll_s(WorkerSettings(busy_poll_ms=5)) == 0.005
+    assert _core_busy_poll_s(WorkerSettings(busy_poll_ms=5, core_busy_poll_ms=0)) == 0.0
+    assert _core_busy_poll_s(WorkerSettings(core_busy_poll_ms=30)) == 0.03
