@@ -139,12 +139,12 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--busy-poll-ms", type=float,
                    help="the front and the engine core keep polling this many ms after each "
-                        "job or step instead of sleeping: lower latency for a core each; only "
-                        "where cores are plenty (default 0, off)")
+                        "job or step instead of sleeping: lower latency for a core each "
+                        "(default: 20 where the engine runs on a GPU, 0 on the CPU)")
     p.add_argument("--core-busy-poll-ms", type=float,
-                   help="the engine core's polling window alone, in ms (default: "
-                        "--busy-poll-ms where given, else 20 on a GPU and 0 on the CPU); a core "
-                        "that kept polling also steps faster once a request comes")
+                   help="the engine core's polling window alone, in ms (default: as "
+                        "--busy-poll-ms); a core that kept polling also steps faster once a "
+                        "request comes")
     p.set_defaults(func=_worker)
 
 

@@ -79,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=1,
                    help="the engine core's OMP_NUM_THREADS (default 1)")
     p.add_argument("--redis-aof", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--busy-poll-ms", type=float, default=0.0,
-                   help="the gateway's and the worker's busy polling (default 0, off)")
+    p.add_argument("--busy-poll-ms", type=float, default=None,
+                   help="the gateway's and the worker's busy polling (default: theirs: off on "
+                        "the gateway; on the worker 20 with a GPU engine, else off)")
     p.add_argument("--core-busy-poll-ms", type=float, default=None,
-                   help="the worker's engine core alone (default: the worker's own, "
-                        "--busy-poll-ms where given, else 20 on a GPU)")
+                   help="the worker's engine core alone (default: as the worker's "
+                        "busy polling)")
     p.add_argument("--output-json", default="results/first_token.json")
     args = p.parse_args(argv)
 
@@ -96,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts, _ = make_workload(args.warmup + args.requests, args.input_len, args.output_len, 0.0,
                                vocab, seed=0)
     with tempfile.TemporaryDirectory(prefix="sluice-trace-") as trace_dir:
-        env = {"SLUICE_TRACE_DIR": trace_dir, "SLUICE_BUSY_POLL_MS": str(args.busy_poll_ms)}
+        env = {"SLUICE_TRACE_DIR": trace_dir}
+        if args.busy_poll_ms is not None:
+            env["SLUICE_BUSY_POLL_MS"] = str(args.busy_poll_ms)
         if args.core_busy_poll_ms is not None:
             env["SLUICE_CORE_BUSY_POLL_MS"] = str(args.core_busy_poll_ms)
         with running_service(args.redis_aof, startup_timeout_s=180, process_env=env) as svc:

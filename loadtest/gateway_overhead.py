@@ -836,7 +836,9 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
 
 def _service_env(args: argparse.Namespace) -> dict[str, str]:
     """Settings every process of the service gets from this run's flags."""
-    env = {"SLUICE_BUSY_POLL_MS": str(args.busy_poll_ms)}
+    env = {}
+    if args.busy_poll_ms is not None:
+        env["SLUICE_BUSY_POLL_MS"] = str(args.busy_poll_ms)
     if args.core_busy_poll_ms is not None:
         env["SLUICE_CORE_BUSY_POLL_MS"] = str(args.core_busy_poll_ms)
     return env
@@ -1168,12 +1170,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="DIR",
                    help="bus: run the worker front and gateway under cProfile, stats to DIR")
     p.add_argument("--profile-top", type=int, default=25, help="functions shown per profile")
-    p.add_argument("--busy-poll-ms", type=float, default=0.0,
+    p.add_argument("--busy-poll-ms", type=float, default=None,
                    help="the service's busy polling, gateway and worker (their busy_poll_ms; "
-                        "default 0, off, as they run by default)")
+                        "default: theirs: off on the gateway; on the worker 20 with a GPU "
+                        "engine, else off)")
     p.add_argument("--core-busy-poll-ms", type=float, default=None,
-                   help="the worker's engine core alone (its core_busy_poll_ms; default: the "
-                        "worker's own: --busy-poll-ms where given, else 20 on a GPU)")
+                   help="the worker's engine core alone (its core_busy_poll_ms; default: as "
+                        "the worker's busy polling)")
     p.add_argument("--redis-aof", action=argparse.BooleanOptionalAction, default=True,
                    help="Redis append-only file on, as `sluice up` runs it (default: on)")
     p.add_argument("--startup-timeout", type=float, default=180.0,

@@ -8,8 +8,8 @@ token crosses five such processes. On the H200 host the bare chain of the servic
 0.57-0.79 ms with them polling. Polling holds a core per process for as long as it lasts, so it
 is off unless asked for (`busy_poll_ms` of the gateway and the worker): worth it where cores are
 plenty, as on a GPU host; harmful on a machine with fewer cores than busy processes, where the
-pollers take the CPU from the processes doing the work. The one exception is the engine core on
-a GPU, which polls unless told otherwise (`core_busy_poll_ms`, worker/core_process.py).
+pollers take the CPU from the processes doing the work. The exception is a worker whose engine
+runs on a GPU: its front and its engine core poll for GPU_BUSY_POLL_S unless told otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ import asyncio
 import time
 from collections.abc import Coroutine
 from typing import Any
+
+# A worker's polling window when none is set and its engine runs on a GPU: such a host has cores
+# to spare, and the front and the engine core are its only busy processes.
+GPU_BUSY_POLL_S = 0.02
 
 
 def run_loop(main: Coroutine[Any, Any, Any]) -> Any:

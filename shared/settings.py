@@ -202,11 +202,11 @@ class WorkerSettings(_Settings):
     record_ttl_s: int = Field(default=3600, ge=1)
     read_batch: int = Field(default=16, ge=1)
     # The front and the engine core keep polling this long after each job or step instead of
-    # sleeping (shared/busy_poll.py): lower latency for a core each; 0 (off) unless cores are plenty.
-    busy_poll_ms: float = Field(default=0.0, ge=0, le=1000)
-    # The engine core's own window. None: busy_poll_ms where that is on, else 20 ms for a core
-    # on a GPU and 0 on the CPU. The core alone is one process on a host that has cores to
-    # spare, and a core woken from sleep also steps slower than one that kept polling.
+    # sleeping (shared/busy_poll.py): lower latency for a core each. None: 20 ms where the engine
+    # runs on a GPU (a GPU host has cores to spare), 0 (off) on the CPU.
+    busy_poll_ms: float | None = Field(default=None, ge=0, le=1000)
+    # The engine core's own window (None: as busy_poll_ms). A core woken from sleep also steps
+    # slower to a first token than one that kept polling.
     core_busy_poll_ms: float | None = Field(default=None, ge=0, le=1000)
     # Where requests without a seed draw from; None: a random seed per worker process, so
     # replicas (and restarts) do not repeat each other's "random" tokens.

@@ -18,13 +18,12 @@ from typing import Any
 import torch
 
 from shared import trace
+from shared.busy_poll import GPU_BUSY_POLL_S
 from worker.engine.engine import EngineOutput, EngineStats
 from worker.engine.sampling_params import SamplingParams
 from worker.pipe import BlockingReader, BlockingWriter
 
 log = logging.getLogger(__name__)
-# The engine core's polling window after each step when nothing sets one, on a GPU (see run_core).
-GPU_BUSY_POLL_S = 0.02
 
 
 @dataclass
@@ -59,6 +58,7 @@ class Ready:
     max_model_len: int
     vocab_size: int
     stats: EngineStats
+    device_type: str = "cpu"  # where the engine runs: "cuda" or "cpu"
 
 
 @dataclass
@@ -141,14 +141,15 @@ def run_core(engine_args: dict[str, Any], commands: Any, results: Any) -> None:
         results.put(Failed(f"{type(e).__name__}: {e}"))
         return
     if busy_poll_s is None:
-        # Not set: a core that drives a GPU polls (the host has cores to spare and the step to a
-        # first token is about 2 ms shorter than after a sleep); one on the CPU must not, as it
-        # would take a core from the model and the other processes.
+        # Not set: a core that drives a GPU polls (the host has cores to spare and its step to
+        # a first token is shorter than after a sleep); one on the CPU must not, as it would
+        # take a core from the model and the other processes.
         busy_poll_s = GPU_BUSY_POLL_S if engine.device.type == "cuda" else 0.0
     if busy_poll_s > 0:
         log.info("the engine core polls for commands for %.0f ms after each step",
                  busy_poll_s * 1e3)
-    results.put(Ready(engine.max_model_len, engine.vocab_size, engine.stats()))
+    results.put(Ready(engine.max_model_len, engine.vocab_size, engine.stats(),
+                      engine.device.type))
     grammars: PendingGrammars[AddRequest] = PendingGrammars(GrammarCompiler(
         lambda: build_tokenizer(Tokenizer.load(engine_args["model_dir"]).hf, engine.vocab_size,
                                 engine.eos_token_ids), engine.vocab_size,

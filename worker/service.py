@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from shared import names, trace
-from shared.busy_poll import LoopPoller, run_loop
+from shared.busy_poll import GPU_BUSY_POLL_S, LoopPoller, run_loop
 from shared.messages import (
     Cancel,
     CompletionRecord,
@@ -113,7 +113,7 @@ class WorkerService:
         self._exit = asyncio.Event()  # set by SIGTERM: exit once drained
         self._in_flight_adds = 0
         self._read_at = 0.0  # when the last XREADGROUP returned (trace points)
-        self._poller = LoopPoller(settings.busy_poll_ms / 1e3)
+        self._poller = LoopPoller((settings.busy_poll_ms or 0.0) / 1e3)  # set once Ready
         self.max_model_len = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -128,6 +128,11 @@ class WorkerService:
             raise RuntimeError(f"engine failed to start: {ready.message}")
         assert isinstance(ready, Ready)
         self.max_model_len, self.stats = ready.max_model_len, ready.stats
+        if self.settings.busy_poll_ms is None and ready.device_type == "cuda":
+            self._poller.window_s = GPU_BUSY_POLL_S
+        if self._poller.window_s > 0:
+            log.info("the front polls for %.0f ms after each job or step",
+                     self._poller.window_s * 1e3)
         self.redis = aioredis.from_url(self.settings.redis_url)
         self._finish_script = self.redis.register_script(_FINISH_SCRIPT)
         await self._ensure_group()
@@ -683,11 +688,10 @@ class WorkerService:
 
 
 def _core_busy_poll_s(s: WorkerSettings) -> float | None:
-    """The engine core's polling window: core_busy_poll_ms, else busy_poll_ms where that is on,
-    else None, which lets the core choose by its device (worker/core_process.py)."""
-    if s.core_busy_poll_ms is not None:
-        return s.core_busy_poll_ms / 1e3
-    return s.busy_poll_ms / 1e3 if s.busy_poll_ms > 0 else None
+    """The engine core's polling window: core_busy_poll_ms, else busy_poll_ms, else None, which
+    lets the core choose by its device (worker/core_process.py)."""
+    ms = s.busy_poll_ms if s.core_busy_poll_ms is None else s.core_busy_poll_ms
+    return None if ms is None else ms / 1e3
 
 
 def serve(settings: WorkerSettings) -> None:

@@ -59,6 +59,7 @@ def test_the_engine_core_window_follows_the_worker_settings() -> None:
 
     # Unset: the core chooses by its device (polling on a GPU only).
     assert _core_busy_poll_s(WorkerSettings()) is None
+    assert _core_busy_poll_s(WorkerSettings(busy_poll_ms=0)) == 0.0
     assert _core_busy_poll_s(WorkerSettings(busy_poll_ms=5)) == 0.005
     assert _core_busy_poll_s(WorkerSettings(busy_poll_ms=5, core_busy_poll_ms=0)) == 0.0
     assert _core_busy_poll_s(WorkerSettings(core_busy_poll_ms=30)) == 0.03
