@@ -40,6 +40,7 @@ from gateway.protocol import (
     stream_include_usage,
     to_job_off_loop,
     usage_chunk,
+    usage_so_far,
 )
 from gateway.replies import Progress, ReplyRouter
 from gateway.structured import (
@@ -415,11 +416,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                         else:
                             so_far = None
                             if continuous:
-                                prompt_tokens = ev.prompt_tokens or prompt_tokens
+                                prompt_tokens = (ev.prompt_tokens or prompt_tokens
+                                                 or (ev.usage.prompt_tokens if ev.usage else 0))
                                 done = generated[ev.index] = (generated.get(ev.index, 0)
                                                               + len(ev.token_ids))
-                                so_far = Usage(prompt_tokens=prompt_tokens, completion_tokens=done,
-                                               total_tokens=prompt_tokens + done)
+                                so_far = usage_so_far(prompt_tokens, done)
                             chunks = _stream_chunks(ev, kind, job, offsets,
                                                     first=not first.get(ev.index), usage=so_far)
                             for chunk in tool_calls.rewrite(chunks) if tool_calls else chunks:
@@ -665,9 +666,7 @@ async def _replay(record: RequestRecord, kind: str, req: Any) -> AsyncIterator[s
                    finish_reason=c.finish_reason, stop_reason=c.stop_reason)
         so_far = None
         if record.usage is not None and stream_continuous_usage(req):
-            n = len(c.token_ids)
-            so_far = Usage(prompt_tokens=record.usage.prompt_tokens, completion_tokens=n,
-                           total_tokens=record.usage.prompt_tokens + n)
+            so_far = usage_so_far(record.usage.prompt_tokens, len(c.token_ids))
         chunks = _stream_chunks(ev, kind, job, offsets, first=True, usage=so_far)
         for chunk in tool_calls.rewrite(chunks) if tool_calls else chunks:
             yield f"data: {json.dumps(chunk)}\n\n"

@@ -622,6 +622,12 @@ def chat_chunk(*, request_id: str, model: str, created: int, index: int, role: b
     return chunk
 
 
+def usage_so_far(prompt_tokens: int, completion_tokens: int) -> Usage:
+    """The usage a chunk carries under stream_options.continuous_usage_stats."""
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
 def chat_event_chunks(event: Event, *, request_id: str, model: str, created: int, first: bool,
                       usage: Usage | None = None) -> list[dict[str, Any]]:
     """The chunks one event becomes: the role (on a choice's first event), its text, and a last
@@ -633,10 +639,8 @@ def chat_event_chunks(event: Event, *, request_id: str, model: str, created: int
     if first:
         role = dict(ids)
         if usage is not None:  # the role chunk comes before the event's tokens
-            k = len(event.token_ids)
-            role["usage"] = Usage(prompt_tokens=usage.prompt_tokens,
-                                  completion_tokens=usage.completion_tokens - k,
-                                  total_tokens=usage.total_tokens - k)
+            role["usage"] = usage_so_far(usage.prompt_tokens,
+                                         usage.completion_tokens - len(event.token_ids))
         chunks.append(chat_chunk(role=True, content="", **role))
     if event.text or event.logprobs:
         chunks.append(chat_chunk(content=event.text, logprobs=event.logprobs, **ids))

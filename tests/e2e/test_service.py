@@ -71,6 +71,17 @@ def test_continuous_usage_counts_every_chunks_tokens(service: Service) -> None:
     assert all(c.usage is not None for c in chat)
     assert chat[0].usage is not None and chat[0].usage.completion_tokens == 0  # the role chunk
     assert chat[-2].usage is not None and chat[-2].usage.completion_tokens == 6
+    # A resubmission with the same Idempotency-Key streams the recorded result, usage included.
+    key = {"Idempotency-Key": "continuous-usage-1"}
+    first = client.completions.create(model="tiny", prompt="again", max_tokens=5,
+                                      temperature=0.0, extra_headers=key)
+    again = list(client.completions.create(model="tiny", prompt="again", max_tokens=5,
+                                           temperature=0.0, stream=True, extra_headers=key,
+                                           stream_options=options))  # type: ignore[arg-type]
+    assert "".join(c.choices[0].text for c in again if c.choices) == first.choices[0].text
+    assert first.usage is not None and all(c.usage is not None for c in again)
+    assert again[0].usage is not None and again[0].usage.completion_tokens == 5
+    assert again[0].usage.prompt_tokens == first.usage.prompt_tokens
 
 
 def test_n_logprobs_and_stop(service: Service, offline: LLM) -> None:
