@@ -502,19 +502,28 @@ def completions_from_events(events: Sequence[Event]
                             ) -> tuple[list[CompletionRecord], Usage | None]:
     """Folds a request's events (each delivered once) into one record per choice, plus the last
     usage reported, for `chat_completion_response` / `completion_response`."""
-    by_index: dict[int, CompletionRecord] = {}
+    # Pieces per choice, joined once at the end: adding to one string or list per event would
+    # copy the whole reply again for every step.
+    texts: dict[int, list[str]] = {}
+    tokens: dict[int, list[int]] = {}
+    logprobs: dict[int, list[dict[str, Any]]] = {}
+    ends: dict[int, tuple[str, int | str | None]] = {}
     usage = None
     for ev in sorted(events, key=lambda e: (e.index, e.seq)):
-        rec = by_index.setdefault(ev.index, CompletionRecord(
-            index=ev.index, text="", token_ids=[], finish_reason=None))
-        rec.text += ev.text
-        rec.token_ids.extend(ev.token_ids)
+        texts.setdefault(ev.index, []).append(ev.text)
+        tokens.setdefault(ev.index, []).extend(ev.token_ids)
         if ev.logprobs is not None:
-            rec.logprobs = (rec.logprobs or []) + list(ev.logprobs)
+            logprobs.setdefault(ev.index, []).extend(ev.logprobs)
         if ev.finish_reason is not None:
-            rec.finish_reason, rec.stop_reason = ev.finish_reason, ev.stop_reason
+            ends[ev.index] = (ev.finish_reason, ev.stop_reason)
         usage = ev.usage or usage
-    return [by_index[i] for i in sorted(by_index)], usage
+    records = []
+    for i in sorted(texts):
+        finish_reason, stop_reason = ends.get(i, (None, None))
+        records.append(CompletionRecord(index=i, text="".join(texts[i]), token_ids=tokens[i],
+                                        logprobs=logprobs.get(i), finish_reason=finish_reason,
+                                        stop_reason=stop_reason))
+    return records, usage
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:

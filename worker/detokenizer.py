@@ -18,6 +18,9 @@ from worker.tokenizer import Tokenizer
 PROMPT_CONTEXT_TOKENS = 6
 # What a decoder writes for bytes that are not (yet) valid UTF-8.
 REPLACEMENT_CHAR = "\ufffd"
+# Released text past this many characters moves out of the working text (see _release): appending
+# to a string that holds the whole reply copies the whole reply, every token.
+COMPACT_AT = 1024
 
 
 class IncrementalDetokenizer:
@@ -52,7 +55,11 @@ class IncrementalDetokenizer:
             self._ids, self._prefix_text = [], ""
         self._read_offset = len(self._ids)
 
-        self._text = ""  # all output text decoded so far, cut at a stop string once found
+        # The output text decoded so far, cut at a stop string once found, is
+        # "".join(_done) + _text: _done holds released text that no stop string can reach any
+        # more, _text the rest (the unreleased text and a tail of the released).
+        self._done: list[str] = []
+        self._text = ""
         self._released = 0  # how much of _text the caller has been given
         self._closed = False
         self.finished = False
@@ -61,7 +68,9 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """Everything released so far."""
-        return self._text[:self._released]
+        if len(self._done) > 1:
+            self._done[:] = ["".join(self._done)]
+        return (self._done[0] if self._done else "") + self._text[:self._released]
 
     def update(self, new_token_ids: Sequence[int]) -> str:
         """Add output tokens; return the text that can now be released (maybe "")."""
@@ -127,6 +136,11 @@ class IncrementalDetokenizer:
             return ""
         delta = self._text[self._released:upto]
         self._released = upto
+        if upto > COMPACT_AT:
+            # A later stop string can start at most its length - 1 characters back.
+            cut = upto - max(self._max_stop_len - 1, 0)
+            self._done.append(self._text[:cut])
+            self._text, self._released = self._text[cut:], upto - cut
         return delta
 
     def _partial_stop_len(self) -> int:

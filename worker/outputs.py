@@ -26,13 +26,29 @@ class Logprob:
 @dataclass
 class CompletionOutput:
     index: int
-    text: str = ""
     token_ids: list[int] = field(default_factory=list)
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None  # stop | length | abort | error
     stop_reason: int | str | None = None
     error: str | None = None
+    # The text in pieces as it streamed (`text` joins them): appending to one string would copy
+    # the whole reply for every token.
+    _pieces: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def text(self) -> str:
+        if len(self._pieces) > 1:
+            self._pieces[:] = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._pieces[:] = [value]
+
+    def add_text(self, piece: str) -> None:
+        if piece:
+            self._pieces.append(piece)
 
     @property
     def finished(self) -> bool:
@@ -189,7 +205,7 @@ class OutputProcessor:
             if out.finish_reason is None and eo.finished:
                 out.finish_reason, out.stop_reason, out.error = (
                     eo.finish_reason, eo.stop_reason, eo.error)
-            out.text += text
+            out.add_text(text)
             deltas.append(CompletionDelta(rid, index, text, eo.new_token_ids, new_lps,
                                           out.finish_reason, out.stop_reason, out.error))
         return deltas, stops

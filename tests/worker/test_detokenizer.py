@@ -210,3 +210,25 @@ def test_misuse_is_reported(tokenizer: Tokenizer) -> None:
     detok.flush()
     with pytest.raises(RuntimeError, match="flush"):
         detok.update([5])
+
+
+@PROPERTY_SETTINGS
+@given(text=st.text(alphabet=st.sampled_from("ab xy.é日本🙂\n"), min_size=10, max_size=60),
+       data=st.data(), include=st.booleans())
+def test_released_text_moved_aside_keeps_stops_and_text_exact(
+        tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, text: str, data: st.DataObject,
+        include: bool) -> None:
+    """With released text moved out of the working text every few characters (as a long reply
+    has it every COMPACT_AT), stop strings that start in the moved part still cut right."""
+    import worker.detokenizer as detokenizer
+
+    monkeypatch.setattr(detokenizer, "COMPACT_AT", 3)
+    ids = tokenizer.encode(text)
+    start = data.draw(st.integers(0, len(text) - 1))
+    stop = text[start:start + data.draw(st.integers(1, 5))]
+    detok = IncrementalDetokenizer(tokenizer, [], stop=[stop], include_stop_str_in_output=include)
+    deltas = [detok.update([i]) for i in ids if not detok.finished] + [detok.flush()]
+    at = text.find(stop)
+    expected = text[:at + len(stop) if include else at]
+    assert "".join(deltas) == detok.text == expected
+    assert detok.stop_reason == stop
