@@ -340,6 +340,10 @@ def _prompt(value: Any) -> str | list[int]:
         raise PydanticCustomError("prompt_type", "must be a string or a list of token ids")
     if not value:
         raise PydanticCustomError("prompt_empty", "must not be empty")
+    # At C speed first (a long token-id prompt is checked on the event loop): exact ints only,
+    # so no bools, none negative.
+    if set(map(type, value)) == {int} and min(value) >= 0:
+        return value
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
         raise PydanticCustomError("prompt_tokens", "token ids must be non-negative integers")
     return value
