@@ -91,7 +91,9 @@ def test_streaming_sweep_writes_reports_that_agree_with_the_service(up: Up, tmp_
         assert (run["completed"], run["failed"]) == (20, 0), run["failures_by_reason"]
         # ignore_eos and usage: every reply is exactly its 8 tokens, counted by the server.
         assert run["output_lens"] == [8] * 20 and run["total_output_tokens"] == 160
-        assert len(run["itls"]) == 20 * 7
+        # One gap per chunk after the first, as vLLM times them: at most one per later token
+        # (a worker that falls behind sends several steps' tokens in one chunk).
+        assert 0 < len(run["itls"]) <= 20 * 7
         assert 0 < run["median_ttft_ms"] <= run["p99_ttft_ms"] <= run["median_e2el_ms"] * 20
         assert run["mean_tpot_ms"] > 0 and run["good_requests"] == 20
         assert run["request_throughput"] == pytest.approx(20 / run["duration"])
@@ -138,8 +140,8 @@ def test_chat_jobs_and_failures_are_reported(up: Up, tmp_path: Path,
                        "--result-filename", "chat.json"]) == 0
     run = json.loads((tmp_path / "chat.json").read_text())["runs"][0]
     assert (run["completed"], run["total_output_tokens"]) == (4, 16)
-    # Each stream opens with a role-only chunk, timed as vLLM times it: 4 gaps per request.
-    assert len(run["itls"]) == 16
+    # Each stream opens with a role-only chunk, timed as vLLM times it: up to 4 gaps a request.
+    assert 4 <= len(run["itls"]) <= 16
 
     # A wrong key: every request fails with the server's status, counted by reason.
     capsys.readouterr()
