@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.gateway_overhead import Stream, run_http, running_service
+from loadtest.gateway_overhead import Stream, run_http, running_service, service_env
 
 # The path in order: the client's send, the trace points (shared/trace.py), its first token.
 HOPS = ["send", "g_in", "g_xadd", "f_read", "f_engine", "c_add", "c_token", "f_result",
@@ -97,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts, _ = make_workload(args.warmup + args.requests, args.input_len, args.output_len, 0.0,
                                vocab, seed=0)
     with tempfile.TemporaryDirectory(prefix="sluice-trace-") as trace_dir:
-        env = {"SLUICE_TRACE_DIR": trace_dir}
-        if args.busy_poll_ms is not None:
-            env["SLUICE_BUSY_POLL_MS"] = str(args.busy_poll_ms)
-        if args.core_busy_poll_ms is not None:
-            env["SLUICE_CORE_BUSY_POLL_MS"] = str(args.core_busy_poll_ms)
+        env = {"SLUICE_TRACE_DIR": trace_dir, **service_env(args)}
         with running_service(args.redis_aof, startup_timeout_s=180, process_env=env) as svc:
             svc.start_gateway(total_jobs=len(prompts))
             svc.spawn("worker", ["-m", "infra.cli", "worker", "--model", str(model_dir),

@@ -762,7 +762,7 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
     problems: list[str] = []
     print(f"latency: {n} requests, {sizes['input_len']} in / {out_len} out, concurrency {c}, "
           f"{args.repeats} pass(es) each side, model {args.model} on {args.device}")
-    with running_service(args.redis_aof, args.startup_timeout, _service_env(args)) as svc:
+    with running_service(args.redis_aof, args.startup_timeout, service_env(args)) as svc:
         svc.start_gateway(total_jobs=len(warm) + n * (args.repeats + 1))
         svc.spawn("worker", ["-m", "infra.cli", "worker", "--model", str(model_dir),
                              "--served-model-name", model],
@@ -834,8 +834,9 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
     return result
 
 
-def _service_env(args: argparse.Namespace) -> dict[str, str]:
-    """Settings every process of the service gets from this run's flags."""
+def service_env(args: argparse.Namespace) -> dict[str, str]:
+    """Settings every process of the service gets from this run's flags (its busy polling;
+    the service's own defaults where a flag is not given)."""
     env = {}
     if args.busy_poll_ms is not None:
         env["SLUICE_BUSY_POLL_MS"] = str(args.busy_poll_ms)
@@ -996,7 +997,7 @@ def bus_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]:
     problems: list[str] = []
     profiles: dict[str, str] = {}
     started: dict[str, int] = {}
-    with running_service(args.redis_aof, args.startup_timeout, _service_env(args)) as svc:
+    with running_service(args.redis_aof, args.startup_timeout, service_env(args)) as svc:
         gw_prof = profile_dir / "gateway.prof" if profile_dir else None
         svc.start_gateway(total_jobs=2 * (n + len(warm)) * len(args.null_step_ms),
                           profile=gw_prof)

@@ -24,6 +24,14 @@ from typing import Any
 GPU_BUSY_POLL_S = 0.02
 
 
+def worker_window_s(given_s: float | None, device_type: str) -> float:
+    """A worker process's polling window: the one given, else GPU_BUSY_POLL_S where its engine
+    runs on a GPU and none on the CPU, where a poller takes a core from the model."""
+    if given_s is not None:
+        return given_s
+    return GPU_BUSY_POLL_S if device_type == "cuda" else 0.0
+
+
 def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
     """Runs `main` to its end on uvloop where it is installed (a faster event loop), else on
     asyncio's own."""

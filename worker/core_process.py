@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from shared import trace
-from shared.busy_poll import GPU_BUSY_POLL_S
+from shared.busy_poll import worker_window_s
 from worker.engine.engine import EngineOutput, EngineStats
 from worker.engine.sampling_params import SamplingParams
 from worker.pipe import BlockingReader, BlockingWriter
@@ -140,11 +140,9 @@ def run_core(engine_args: dict[str, Any], commands: Any, results: Any) -> None:
         log.exception("engine failed to start")
         results.put(Failed(f"{type(e).__name__}: {e}"))
         return
-    if busy_poll_s is None:
-        # Not set: a core that drives a GPU polls (the host has cores to spare and its step to
-        # a first token is shorter than after a sleep); one on the CPU must not, as it would
-        # take a core from the model and the other processes.
-        busy_poll_s = GPU_BUSY_POLL_S if engine.device.type == "cuda" else 0.0
+    # A core that drives a GPU and was given no window polls: its step to a first token is
+    # shorter than after a sleep.
+    busy_poll_s = worker_window_s(busy_poll_s, engine.device.type)
     if busy_poll_s > 0:
         log.info("the engine core polls for commands for %.0f ms after each step",
                  busy_poll_s * 1e3)

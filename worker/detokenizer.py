@@ -23,6 +23,14 @@ REPLACEMENT_CHAR = "\ufffd"
 COMPACT_AT = 1024
 
 
+def joined(pieces: list[str]) -> str:
+    """The pieces of a text as one string, left in `pieces` as its only piece, so the join is
+    paid once however often the text is read."""
+    if len(pieces) > 1:
+        pieces[:] = ["".join(pieces)]
+    return pieces[0] if pieces else ""
+
+
 class IncrementalDetokenizer:
     """Turns one request's output tokens into text deltas.
 
@@ -68,9 +76,7 @@ class IncrementalDetokenizer:
     @property
     def text(self) -> str:
         """Everything released so far."""
-        if len(self._done) > 1:
-            self._done[:] = ["".join(self._done)]
-        return (self._done[0] if self._done else "") + self._text[:self._released]
+        return joined(self._done) + self._text[:self._released]
 
     def update(self, new_token_ids: Sequence[int]) -> str:
         """Add output tokens; return the text that can now be released (maybe "")."""

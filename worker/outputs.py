@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker.detokenizer import IncrementalDetokenizer
+from worker.detokenizer import IncrementalDetokenizer, joined
 from worker.engine.engine import EngineOutput
 from worker.engine.sampler import TokenLogprobs
 from worker.engine.sampling_params import SamplingParams
@@ -38,9 +38,7 @@ class CompletionOutput:
 
     @property
     def text(self) -> str:
-        if len(self._pieces) > 1:
-            self._pieces[:] = ["".join(self._pieces)]
-        return self._pieces[0] if self._pieces else ""
+        return joined(self._pieces)
 
     @text.setter
     def text(self, value: str) -> None:

@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from shared import names, trace
-from shared.busy_poll import GPU_BUSY_POLL_S, LoopPoller, run_loop
+from shared.busy_poll import LoopPoller, run_loop, worker_window_s
 from shared.messages import (
     Cancel,
     CompletionRecord,
@@ -113,7 +113,7 @@ class WorkerService:
         self._exit = asyncio.Event()  # set by SIGTERM: exit once drained
         self._in_flight_adds = 0
         self._read_at = 0.0  # when the last XREADGROUP returned (trace points)
-        self._poller = LoopPoller((settings.busy_poll_ms or 0.0) / 1e3)  # set once Ready
+        self._poller = LoopPoller(0.0)  # its window is set once the core says where it runs
         self.max_model_len = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -128,8 +128,9 @@ class WorkerService:
             raise RuntimeError(f"engine failed to start: {ready.message}")
         assert isinstance(ready, Ready)
         self.max_model_len, self.stats = ready.max_model_len, ready.stats
-        if self.settings.busy_poll_ms is None and ready.device_type == "cuda":
-            self._poller.window_s = GPU_BUSY_POLL_S
+        given = self.settings.busy_poll_ms
+        self._poller.window_s = worker_window_s(None if given is None else given / 1e3,
+                                                ready.device_type)
         if self._poller.window_s > 0:
             log.info("the front polls for %.0f ms after each job or step",
                      self._poller.window_s * 1e3)
