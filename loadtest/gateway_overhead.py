@@ -14,9 +14,13 @@
                --client httpx measures with httpx instead.
     Every request is greedy and generates exactly --output-len tokens (ignore_eos). After one
     untimed warm-up of --warmup-prompts other prompts on each side, the sides alternate for
-    --repeats timed passes. The headline takes each percentile's median over the passes (a pass
-    that other load on the machine disturbed moves it little); the pooled percentiles of every
-    sample are printed and saved too. Each pass also records the CPU seconds per wall second of
+    --repeats timed passes, each side going first in every other pass; the service's clients
+    keep their connections from pass to pass. Each percentile's median over the passes (a
+    pass that other load on the machine disturbed moves it little) is printed per side with
+    its difference, and so are the pooled percentiles of every sample and the "paired"
+    delta: each percentile's difference within a pass, median over passes, which a host that
+    drifts between passes moves least (--concurrency 1 --num-prompts 1 pairs request by
+    request). Each pass also records the CPU seconds per wall second of
     every process, "other processes" being load this run did not cause: a pass with much of it
     is not a clean measurement. On a machine with few cores the service's five processes
     (client, gateway, Redis, worker front, engine core) share them, and that contention is part
@@ -555,13 +559,15 @@ class RawConnection:
 
 
 async def run_http(base_url: str, model: str, prompts: list[list[int]], output_len: int,
-                   concurrency: int, parse: bool, max_opening: int = 0, client: str = "httpx"
-                   ) -> tuple[list[Stream], float]:
+                   concurrency: int, parse: bool, max_opening: int = 0, client: str = "httpx",
+                   conns: list[RawConnection] | None = None) -> tuple[list[Stream], float]:
     """A closed loop: `concurrency` clients, each sending its next prompt when one ends.
 
     max_opening > 0: at most that many requests wait for their response headers at once (the
     streams themselves all run together). client: "httpx", or "raw" (`RawConnection`, one
-    connection per client of the loop).
+    connection per client of the loop). `conns`: the raw clients' connections, kept open
+    across calls made on one event loop (at least `concurrency` of them), so no timed request
+    pays for a connection's opening.
     """
     opening = asyncio.Semaphore(max_opening) if max_opening > 0 else None
     todo: deque[tuple[int, list[int]]] = deque(enumerate(prompts))
@@ -572,8 +578,9 @@ async def run_http(base_url: str, model: str, prompts: list[list[int]], output_l
     host, port = base_url.rsplit("//", 1)[1].rsplit(":", 1)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
 
-        async def one_client() -> None:
-            conn = RawConnection(host, int(port)) if client == "raw" else None
+        async def one_client(k: int) -> None:
+            kept = conns[k] if conns is not None and client == "raw" else None
+            conn = kept or (RawConnection(host, int(port)) if client == "raw" else None)
             try:
                 while todo:
                     i, prompt = todo.popleft()
@@ -581,11 +588,11 @@ async def run_http(base_url: str, model: str, prompts: list[list[int]], output_l
                     out[i] = await (conn.stream("/v1/completions", body, parse) if conn else
                                     stream_completion(http, url, body, parse, opening))
             finally:
-                if conn is not None:
+                if conn is not None and kept is None:
                     conn.close()
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(min(concurrency, len(prompts)))))
+        await asyncio.gather(*(one_client(k) for k in range(min(concurrency, len(prompts)))))
         elapsed = time.perf_counter() - t0
     return [s for s in out if s is not None], elapsed
 
@@ -773,22 +780,39 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
                   threads=args.torch_threads)
         engine = build_engine(args, model_dir)  # loads while the worker starts
         svc.wait_ready(model, "worker")
+        # One event loop and one connection per client for every service pass: a pass of a
+        # single request would otherwise time a connection's opening with its first token.
+        loop = asyncio.new_event_loop()
+        host, port = svc.base_url.rsplit("//", 1)[1].rsplit(":", 1)
+        conns = [RawConnection(host, int(port)) for _ in range(c)]
+
+        def http_pass(batch: list[list[int]]) -> tuple[list[Stream], float]:
+            return loop.run_until_complete(run_http(
+                svc.base_url, model, batch, out_len, c, parse=True, client=args.client,
+                conns=conns))
+
         if warm:
             run_direct(engine, warm, out_len, c)
-            asyncio.run(run_http(svc.base_url, model, warm, out_len, c, parse=True,
-                                 client=args.client))
+            http_pass(warm)
         cpu: dict[str, list[dict[str, float]]] = {"direct": [], "service": []}
         meter_pids = svc.pids("worker")
         started = {k: v for k, v in meter_pids.items() if v is not None}
         for r in range(args.repeats):
-            meter = CpuMeter(meter_pids)
-            meter.start()
-            d, d_s = run_direct(engine, prompts, out_len, c)
-            cpu["direct"].append(meter.stop())
-            meter.start()
-            s, s_s = asyncio.run(run_http(svc.base_url, model, prompts, out_len, c, parse=True,
-                                          client=args.client))
-            cpu["service"].append(meter.stop())
+            # Each side goes first in every other pass, so neither always follows the other's
+            # idle gap (processes that slept wake late) or its leftovers.
+            d_cpu: dict[str, float] = {}
+            s_cpu: dict[str, float] = {}
+            for side in ("direct", "service") if r % 2 == 0 else ("service", "direct"):
+                meter = CpuMeter(meter_pids)
+                meter.start()
+                if side == "direct":
+                    d, d_s = run_direct(engine, prompts, out_len, c)
+                    d_cpu = meter.stop()
+                else:
+                    s, s_s = http_pass(prompts)
+                    s_cpu = meter.stop()
+            cpu["direct"].append(d_cpu)
+            cpu["service"].append(s_cpu)
             problems += check_streams(d, out_len, f"direct pass {r}")
             problems += check_streams(s, out_len, f"service pass {r}")
             direct += d
@@ -803,6 +827,9 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
                   f"{ps['itl_ms']['p50']:.2f} ms; TTFT p50 direct {pd['ttft_ms']['p50']:.2f} ms, "
                   f"service {ps['ttft_ms']['p50']:.2f} ms; other processes' CPU "
                   f"{cpu['direct'][-1].get(OTHERS, 0):.2f} / {cpu['service'][-1].get(OTHERS, 0):.2f}")
+        for conn in conns:
+            conn.close()
+        loop.close()
         trace = None
         if args.trace:
             trace = asyncio.run(traced_pass(svc, svc.gateway_id, model, prompts, out_len, c,
@@ -826,6 +853,7 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
         # on the machine disturbed. "pooled" takes the percentiles over every pass's samples.
         "median_of_passes": median, "pooled": pooled,
         "delta_ms": _deltas(median), "delta_ms_pooled": _deltas(pooled),
+        "delta_ms_paired": _paired_deltas(passes),
         "passes": passes, "problems": problems, "pids": started, "trace": trace,
         "cpu_per_wall_s": {k: _mean_dicts(v) for k, v in cpu.items()},
         "workload": {**sizes, "warmup_prompts": len(warm), "repeats": args.repeats,
@@ -859,6 +887,17 @@ def _deltas(r: dict[str, Any]) -> dict[str, float]:
             for metric in ("ttft", "itl") for q in ("p50", "p90", "p99", "mean")}
 
 
+def _paired_deltas(passes: list[dict[str, Any]]) -> dict[str, float]:
+    """Each percentile's service-minus-direct difference within a pass, median over passes.
+
+    The two sides of a pass run back to back, so a host that speeds up or slows down between
+    passes moves both alike; with passes of one request at concurrency 1 this is the median
+    of per-request pairs."""
+    per_pass = [_deltas({side: p[side] for side in ("direct", "service")}) for p in passes]
+    return {k: float(np.median([d[k] for d in per_pass])) for k in per_pass[0]} if per_pass \
+        else {}
+
+
 def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for d in ds for k in d}
     return {k: float(np.mean([d[k] for d in ds if k in d])) for k in sorted(keys)}
@@ -878,6 +917,10 @@ def _print_latency(r: dict[str, Any]) -> None:
         d = r["delta_ms" if key == "median_of_passes" else "delta_ms_pooled"]
         print(f"{'service - direct':<18}{d['ttft_p50']:>+10.2f}{d['ttft_p99']:>+10.2f}"
               f"{d['itl_p50']:>+10.2f}{d['itl_p99']:>+10.2f}{d['itl_mean']:>+10.2f}")
+        if key == "median_of_passes" and r.get("delta_ms_paired"):
+            d = r["delta_ms_paired"]
+            print(f"{'paired, in-pass':<18}{d['ttft_p50']:>+10.2f}{d['ttft_p99']:>+10.2f}"
+                  f"{d['itl_p50']:>+10.2f}{d['itl_p99']:>+10.2f}{d['itl_mean']:>+10.2f}")
     t = r.get("trace")
     if t:
         print(f"\nwhere the service's time goes (one extra pass, {t['requests_traced']} requests, "

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from loadtest import gateway_overhead
@@ -60,6 +61,10 @@ def test_latency_mode_reports_both_sides(tiny_model_dir: Path, tmp_path: Path) -
             m = lat["median_of_passes"]
             assert lat["delta_ms"][f"{metric}_{q}"] == pytest.approx(
                 m["service"][f"{metric}_ms"][q] - m["direct"][f"{metric}_ms"][q])
+            in_pass = [p["service"][f"{metric}_ms"][q] - p["direct"][f"{metric}_ms"][q]
+                       for p in lat["passes"]]
+            assert lat["delta_ms_paired"][f"{metric}_{q}"] == pytest.approx(
+                float(np.median(in_pass)))
     trace = lat["trace"]
     assert trace["requests_traced"] == n
     assert trace["token_delivery_ms"]["n"] == n * out_len
@@ -95,6 +100,19 @@ def test_sizes_default_per_mode_and_bad_steps_are_refused() -> None:
     assert gateway_overhead.parse_ms_list("5,2,0.5") == [5.0, 2.0, 0.5]
     with pytest.raises(SystemExit):
         gateway_overhead.main(["--null-step-ms", "-1"])
+
+
+def test_paired_deltas_take_the_median_of_differences_within_passes() -> None:
+    def side(ttft_p50: float) -> dict[str, dict[str, float]]:
+        q = {"p50": ttft_p50, "p90": ttft_p50, "p99": ttft_p50, "mean": ttft_p50}
+        return {"ttft_ms": q, "itl_ms": {"p50": 1.0, "p90": 1.0, "p99": 1.0, "mean": 1.0}}
+
+    # The host drifts: the medians of each side differ by 5, every pass by 1 or 2.
+    passes = [{"direct": side(d), "service": side(d + k)}
+              for d, k in ((3.0, 1.0), (10.0, 2.0), (12.0, 1.0))]
+    paired = gateway_overhead._paired_deltas(passes)
+    assert paired["ttft_p50"] == 1.0 and paired["itl_p99"] == 0.0
+    assert gateway_overhead._paired_deltas([]) == {}
 
 
 def test_rates_and_summaries() -> None:
