@@ -49,3 +49,15 @@ def test_engine_imports_only_the_numeric_stack(path: Path) -> None:
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_shared_never_imports_torch(path: Path) -> None:
     assert "torch" not in {name for name, _ in _imports(path)}
+
+
+def test_no_other_distribution_provides_the_kernels_package() -> None:
+    """`kernels` is this project's top-level package; the Hub's `kernels` distribution (which
+    transformers 5.25 requires) has the same name, and installed beside it one shadows the other:
+    transformers' `from kernels import ...` then fails inside every model import."""
+    import importlib.metadata
+
+    providers = set(importlib.metadata.packages_distributions().get("kernels", [])) - {"sluice"}
+    assert not providers, (
+        f"{sorted(providers)} also provide a top-level `kernels` package, which clashes with "
+        "this project's; pyproject.toml's transformers bound keeps it out")
