@@ -65,12 +65,19 @@ class ReplyRouter:
             except Exception as e:
                 log.error("dropping a malformed reply: %s", e)
                 continue
+            delivered = False
             for event in reply.events:
                 if trace.ON and event.seq == 0 and event.token_ids:
                     trace.point("g_reply", event.req_id)
                 q = self._queues.get(event.req_id)
                 if q is not None:
                     q.put_nowait(event)
+                    delivered = True
+            if delivered:
+                # The streams this woke run before the next read: the client library's work
+                # for a read (health check, retry and timeout set-up) would otherwise come
+                # first, on every token's path.
+                await asyncio.sleep(0)
 
 
 @dataclass
