@@ -107,7 +107,8 @@ def test_paired_deltas_take_the_median_of_differences_within_passes() -> None:
         q = {"p50": ttft_p50, "p90": ttft_p50, "p99": ttft_p50, "mean": ttft_p50}
         return {"ttft_ms": q, "itl_ms": {"p50": 1.0, "p90": 1.0, "p99": 1.0, "mean": 1.0}}
 
-    # The host drifts: the medians of each side differ by 5, every pass by 1 or 2.
+    # The host drifts between passes: the two sides' medians (10 and 12) differ by 2, while
+    # within a pass the service is 1, 2 and 1 behind.
     passes = [{"direct": side(d), "service": side(d + k)}
               for d, k in ((3.0, 1.0), (10.0, 2.0), (12.0, 1.0))]
     paired = gateway_overhead._paired_deltas(passes)
