@@ -565,9 +565,9 @@ async def run_http(base_url: str, model: str, prompts: list[list[int]], output_l
 
     max_opening > 0: at most that many requests wait for their response headers at once (the
     streams themselves all run together). client: "httpx", or "raw" (`RawConnection`, one
-    connection per client of the loop). `conns`: the raw clients' connections, kept open
-    across calls made on one event loop (at least `concurrency` of them), so no timed request
-    pays for a connection's opening.
+    connection per client of the loop). `conns`: a list that keeps the raw clients'
+    connections open across calls made on one event loop (missing ones are opened into it), so
+    no timed request pays for a connection's opening.
     """
     opening = asyncio.Semaphore(max_opening) if max_opening > 0 else None
     todo: deque[tuple[int, list[int]]] = deque(enumerate(prompts))
@@ -579,8 +579,14 @@ async def run_http(base_url: str, model: str, prompts: list[list[int]], output_l
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
 
         async def one_client(k: int) -> None:
-            kept = conns[k] if conns is not None and client == "raw" else None
-            conn = kept or (RawConnection(host, int(port)) if client == "raw" else None)
+            conn = None
+            if client == "raw":
+                if conns is not None and k < len(conns):
+                    conn = conns[k]
+                else:
+                    conn = RawConnection(host, int(port))
+                    if conns is not None:
+                        conns.append(conn)
             try:
                 while todo:
                     i, prompt = todo.popleft()
@@ -588,7 +594,7 @@ async def run_http(base_url: str, model: str, prompts: list[list[int]], output_l
                     out[i] = await (conn.stream("/v1/completions", body, parse) if conn else
                                     stream_completion(http, url, body, parse, opening))
             finally:
-                if conn is not None and kept is None:
+                if conn is not None and conns is None:
                     conn.close()
 
         t0 = time.perf_counter()
@@ -783,8 +789,7 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
         # One event loop and one connection per client for every service pass: a pass of a
         # single request would otherwise time a connection's opening with its first token.
         loop = asyncio.new_event_loop()
-        host, port = svc.base_url.rsplit("//", 1)[1].rsplit(":", 1)
-        conns = [RawConnection(host, int(port)) for _ in range(c)]
+        conns: list[RawConnection] = []
 
         def http_pass(batch: list[list[int]]) -> tuple[list[Stream], float]:
             return loop.run_until_complete(run_http(
@@ -800,19 +805,14 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
         for r in range(args.repeats):
             # Each side goes first in every other pass, so neither always follows the other's
             # idle gap (processes that slept wake late) or its leftovers.
-            d_cpu: dict[str, float] = {}
-            s_cpu: dict[str, float] = {}
             for side in ("direct", "service") if r % 2 == 0 else ("service", "direct"):
                 meter = CpuMeter(meter_pids)
                 meter.start()
                 if side == "direct":
                     d, d_s = run_direct(engine, prompts, out_len, c)
-                    d_cpu = meter.stop()
                 else:
                     s, s_s = http_pass(prompts)
-                    s_cpu = meter.stop()
-            cpu["direct"].append(d_cpu)
-            cpu["service"].append(s_cpu)
+                cpu[side].append(meter.stop())
             problems += check_streams(d, out_len, f"direct pass {r}")
             problems += check_streams(s, out_len, f"service pass {r}")
             direct += d
@@ -893,7 +893,7 @@ def _paired_deltas(passes: list[dict[str, Any]]) -> dict[str, float]:
     The two sides of a pass run back to back, so a host that speeds up or slows down between
     passes moves both alike; with passes of one request at concurrency 1 this is the median
     of per-request pairs."""
-    per_pass = [_deltas({side: p[side] for side in ("direct", "service")}) for p in passes]
+    per_pass = [_deltas(p) for p in passes]
     return {k: float(np.median([d[k] for d in per_pass])) for k in per_pass[0]} if per_pass \
         else {}
 
@@ -914,12 +914,12 @@ def _print_latency(r: dict[str, Any]) -> None:
             print(f"{label:<18}{x['ttft_ms']['p50']:>10.2f}{x['ttft_ms']['p99']:>10.2f}"
                   f"{x['itl_ms']['p50']:>10.2f}{x['itl_ms']['p99']:>10.2f}"
                   f"{x['itl_ms']['mean']:>10.2f}{x['output_tokens_per_s']:>11.0f}")
-        d = r["delta_ms" if key == "median_of_passes" else "delta_ms_pooled"]
-        print(f"{'service - direct':<18}{d['ttft_p50']:>+10.2f}{d['ttft_p99']:>+10.2f}"
-              f"{d['itl_p50']:>+10.2f}{d['itl_p99']:>+10.2f}{d['itl_mean']:>+10.2f}")
+        rows = [("service - direct",
+                 r["delta_ms" if key == "median_of_passes" else "delta_ms_pooled"])]
         if key == "median_of_passes" and r.get("delta_ms_paired"):
-            d = r["delta_ms_paired"]
-            print(f"{'paired, in-pass':<18}{d['ttft_p50']:>+10.2f}{d['ttft_p99']:>+10.2f}"
+            rows.append(("paired, in-pass", r["delta_ms_paired"]))
+        for label, d in rows:
+            print(f"{label:<18}{d['ttft_p50']:>+10.2f}{d['ttft_p99']:>+10.2f}"
                   f"{d['itl_p50']:>+10.2f}{d['itl_p99']:>+10.2f}{d['itl_mean']:>+10.2f}")
     t = r.get("trace")
     if t:
