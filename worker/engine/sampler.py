@@ -82,11 +82,37 @@ class _RawLogprobs:
 
 @dataclass
 class _MaskState:
-    """Masked rows and the device-side flags that turn into errors after the final transfer."""
+    """Masked rows and what turns into their errors once the tokens are on the host.
+
+    Packed host masks (the usual case) are checked there: a row had a token to give exactly when
+    its sampled token is one the mask allows and min_tokens does not block (a row with any finite
+    logit never samples a -inf one), so nothing is computed on the device for it. Other masks
+    carry device-side flags in `empty` and `dead` instead.
+    """
 
     rows: list[int]
-    empty: torch.Tensor  # [n_mask] bool: the mask itself allowed nothing
-    dead: torch.Tensor  # [n_mask] bool: nothing left once min_tokens blocked stop tokens too
+    vocab_size: int
+    packed: np.ndarray | None = None  # [n_mask, words] int32 host masks, bit t = token t allowed
+    blocked: dict[int, set[int]] | None = None  # row -> the stop tokens min_tokens blocked there
+    empty: torch.Tensor | None = None  # [n_mask] bool: the mask itself allowed nothing
+    dead: torch.Tensor | None = None  # [n_mask] bool: nothing left once min_tokens blocked too
+
+    def error(self, j: int, row: int, token_id: int, dead: float = 0.0, empty: float = 0.0
+              ) -> str | None:
+        """The error of masked row j (batch row `row`), or None when its token stands."""
+        if self.packed is None:
+            if empty:
+                return _EMPTY_MASK
+            return _ONLY_BLOCKED if dead else None
+        blocked = self.blocked.get(row, ()) if self.blocked else ()
+        words = self.packed[j]
+        if (int(words[token_id >> 5]) >> (token_id & 31)) & 1 and token_id not in blocked:
+            return None
+        if not _any_bit(words, self.vocab_size):
+            return _EMPTY_MASK
+        if blocked:
+            return _ONLY_BLOCKED
+        return "ValueError: the logits were not finite where the mask allows tokens"
 
 
 class _History:
@@ -159,8 +185,8 @@ class Sampler:
         raw = self._raw_logprobs(logits, params)
         # min_tokens runs before the mask (both only set -inf, so the order does not change the
         # result) so that a mask leaving only blocked stop tokens is caught as a dead row too.
-        self._block_stop_tokens(logits, requests)
-        masks = self._apply_masks(logits, requests, errors)
+        blocked = self._block_stop_tokens(logits, requests)
+        masks = self._apply_masks(logits, requests, errors, blocked)
         self._apply_penalties(logits, requests)
         tokens = self._sample(logits, requests)  # [num_reqs] int64
         return PendingSample(self, tokens, raw, masks, params, errors)
@@ -183,8 +209,10 @@ class Sampler:
             top_values, top_ids = logprobs.topk(max_k, dim=-1)  # [n_lp, max_k], best first
         return _RawLogprobs(rows, index, logprobs, top_ids, top_values)
 
-    def _block_stop_tokens(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
-        """Until min_tokens outputs exist, no token that would end the sequence may be chosen."""
+    def _block_stop_tokens(self, logits: torch.Tensor, requests: Sequence[Request]
+                           ) -> dict[int, set[int]]:
+        """Until min_tokens outputs exist, no token that would end the sequence may be chosen.
+        Returns the blocked tokens by row."""
         rows: list[int] = []
         token_ids: list[int] = []
         for i, req in enumerate(requests):
@@ -202,9 +230,14 @@ class Sampler:
         if rows:
             index = self._tensor([rows, token_ids], torch.long, logits)  # [2, n_pairs]
             logits.index_put_((index[0], index[1]), logits.new_full((), _NEG_INF))
+        blocked: dict[int, set[int]] = {}
+        for i, t in zip(rows, token_ids, strict=True):
+            blocked.setdefault(i, set()).add(t)
+        return blocked
 
     def _apply_masks(self, logits: torch.Tensor, requests: Sequence[Request],
-                     errors: list[str | None]) -> _MaskState | None:
+                     errors: list[str | None], blocked: dict[int, set[int]]
+                     ) -> _MaskState | None:
         """Structured output: disallowed tokens get -inf. A failing hook fails only its row.
 
         Hooks with a `fill_packed(row)` method (the grammar matcher) write their packed mask
@@ -240,12 +273,14 @@ class Sampler:
         if not rows:
             return None
         # bias: [n_mask, vocab] float32, 0 where allowed and -inf elsewhere; empty: [n_mask]
+        state = _MaskState(rows, self.vocab_size)
         if other:
-            bias, empty = self._mask_bias([other.get(k, packed[k]) for k in range(len(rows))],
-                                          logits.device)
+            bias, state.empty = self._mask_bias(
+                [other.get(k, packed[k]) for k in range(len(rows))], logits.device)
         else:  # the usual case: packed rows cross to the device together, 32x smaller
-            dev = self._to_device(packed[:len(rows)], logits.device)
-            bias, empty = _bits_to_bias(dev, self.vocab_size), _packed_empty(dev, self.vocab_size)
+            host = packed[:len(rows)]
+            bias = _bits_to_bias(self._to_device(host, logits.device), self.vocab_size)
+            state.packed, state.blocked = host.numpy(), blocked
         # logits is the sampler's own copy here (a mask counts as an edit), so it is edited in
         # place: each pass over [n, vocab] counts at a large vocabulary. Adding the bias is one
         # fused pass, cheaper than filling through a bool mask (logits are finite: no inf - inf).
@@ -254,11 +289,13 @@ class Sampler:
         else:
             index = self._tensor(rows, torch.long, logits)
             logits.index_add_(0, index, bias)
-            sub = logits.index_select(0, index)  # [n_mask, vocab]
-        # A row with no finite logit left samples a meaningless token (NaN probabilities in that
-        # row alone); it is discarded with the error these flags raise after the one transfer.
-        dead = torch.isneginf(sub.amax(dim=-1))  # [n_mask]
-        return _MaskState(rows, empty=empty, dead=dead)
+            sub = logits.index_select(0, index) if other else logits  # [n_mask, vocab]
+        if other:
+            # A row with no finite logit left samples a meaningless token (NaN probabilities in
+            # that row alone); it is discarded with the error these flags raise after the one
+            # transfer. (Packed rows are checked on the host instead: see _MaskState.)
+            state.dead = torch.isneginf(sub.amax(dim=-1))  # [n_mask]
+        return state
 
     def _mask_bias(self, masks: list[torch.Tensor], device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,7 +483,7 @@ class Sampler:
             parts += [chosen_lp, rank]
             if raw.top_ids is not None and raw.top_values is not None:
                 parts += [raw.top_ids, raw.top_values]
-        if masks is not None:
+        if masks is not None and masks.empty is not None and masks.dead is not None:
             parts += [masks.empty, masks.dead]
         return torch.cat([t.reshape(-1).to(torch.float64) for t in parts])
 
@@ -478,14 +515,13 @@ class Sampler:
                 )
         if masks is not None:
             n_mask = len(masks.rows)
-            empty = flat[pos:pos + n_mask]
-            dead = flat[pos + n_mask:pos + 2 * n_mask]
+            flags = masks.packed is None
+            empty = flat[pos:pos + n_mask] if flags else [0.0] * n_mask
+            dead = flat[pos + n_mask:pos + 2 * n_mask] if flags else empty
             for j, i in enumerate(masks.rows):
-                if empty[j]:
-                    errors[i] = "ValueError: logits mask allows no token"
-                elif dead[j]:
-                    errors[i] = ("ValueError: logits mask allows only stop tokens, which "
-                                 "min_tokens blocks")
+                error = masks.error(j, i, token_ids[i], dead[j], empty[j])
+                if error is not None:
+                    errors[i] = error
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs, errors=errors)
 
     # -- history and host-to-device helpers -------------------------------------------------------
@@ -564,14 +600,14 @@ def _bits_to_bias(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return table.index_select(0, as_bytes).view(packed.shape[0], -1)[:, :vocab_size]
 
 
-def _packed_empty(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[n] bool: rows with no bit set below vocab_size."""
-    tail = vocab_size % 32
-    if not tail:
-        return (packed == 0).all(dim=-1)
-    words = packed.clone()
-    words[:, -1] &= (1 << tail) - 1  # bits past the vocabulary in the last word do not count
-    return (words == 0).all(dim=-1)
+def _any_bit(words: np.ndarray, vocab_size: int) -> bool:
+    """Whether a packed host row allows any token below vocab_size."""
+    full, tail = divmod(vocab_size, 32)
+    return bool(words[:full].any()) or bool(tail and int(words[full]) & ((1 << tail) - 1))
+
+
+_EMPTY_MASK = "ValueError: logits mask allows no token"
+_ONLY_BLOCKED = "ValueError: logits mask allows only stop tokens, which min_tokens blocks"
 
 
 def _bincount_rows(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

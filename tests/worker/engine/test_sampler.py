@@ -584,6 +584,24 @@ def test_mask_allowing_only_blocked_stop_tokens_is_an_error() -> None:
     assert out.errors[1] is None and out.token_ids[1] == 9
 
 
+def test_packed_masks_report_empty_and_blocked_rows_from_the_host() -> None:
+    """Packed rows are checked on the host against the sampled token: the same errors as the
+    device-side flags of other masks, in a batch mixing greedy, random and unmasked rows."""
+    logits = random_logits(6, seed=17)
+    reqs = [make_request(SamplingParams.greedy(), mask=FillingMask([])),
+            make_request(SamplingParams(seed=21, min_tokens=3), seed=21, mask=FillingMask([EOS])),
+            make_request(SamplingParams(seed=22, min_tokens=3), seed=22,
+                         mask=FillingMask([EOS, 9])),
+            make_request(SamplingParams(seed=23), seed=23),
+            make_request(SamplingParams(seed=24), seed=24, mask=PackedMask([2, 3])),
+            make_request(SamplingParams.greedy(min_tokens=3), mask=PackedMask([EOS, 31]))]
+    out = Sampler(VOCAB)(logits, reqs)
+    assert out.errors == ["ValueError: logits mask allows no token",
+                          "ValueError: logits mask allows only stop tokens, which min_tokens "
+                          "blocks", None, None, None, None]
+    assert out.token_ids[2] == 9 and out.token_ids[4] in {2, 3} and out.token_ids[5] == 31
+
+
 # -- min_tokens ------------------------------------------------------------------------------------
 
 
