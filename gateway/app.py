@@ -50,7 +50,7 @@ from gateway.structured import (
     uses_tool_calls,
 )
 from shared import names, trace
-from shared.busy_poll import LoopPoller
+from shared.busy_poll import LoopPoller, gateway_window_s
 from shared.errors import (
     AuthenticationError,
     BadRequestError,
@@ -135,7 +135,10 @@ class BodyLimitAndMetrics:
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     state: dict[str, Any] = {}
-    poller = LoopPoller(settings.busy_poll_ms / 1e3)
+    given = settings.busy_poll_ms
+    poller = LoopPoller(gateway_window_s(None if given is None else given / 1e3))
+    if poller.window_s > 0:
+        log.info("the gateway polls for %.0f ms after each request or reply", poller.window_s * 1e3)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

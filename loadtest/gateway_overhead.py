@@ -1216,8 +1216,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-top", type=int, default=25, help="functions shown per profile")
     p.add_argument("--busy-poll-ms", type=float, default=None,
                    help="the service's busy polling, gateway and worker (their busy_poll_ms; "
-                        "default: theirs: off on the gateway; on the worker 20 with a GPU "
-                        "engine, else off)")
+                        "default: theirs: on the gateway 20 with 8 or more CPUs; on the worker "
+                        "20 with a GPU engine; else off)")
     p.add_argument("--core-busy-poll-ms", type=float, default=None,
                    help="the worker's engine core alone (its core_busy_poll_ms; default: as "
                         "the worker's busy polling)")

@@ -8,15 +8,19 @@ token crosses five such processes. On the H200 host the bare chain of the servic
 0.57-0.79 ms with them polling. Polling holds a core per process for as long as it lasts, so it
 is off unless asked for (`busy_poll_ms` of the gateway and the worker): worth it where cores are
 plenty, as on a GPU host; harmful on a machine with fewer cores than busy processes, where the
-pollers take the CPU from the processes doing the work. The exception is a worker whose engine
-runs on a GPU: its front and its engine core poll for GPU_BUSY_POLL_S unless told otherwise.
+pollers take the CPU from the processes doing the work. So, unless told otherwise, a worker whose
+engine runs on a GPU polls (its front and its engine core, for GPU_BUSY_POLL_S), and a gateway
+polls for as long where it may use GATEWAY_POLL_MIN_CPUS or more CPUs (its affinity, capped by a
+cgroup CPU quota): a GPU host running `sluice up`, not a small VM or a pod with a CPU limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 # A worker's polling window when none is set and its engine runs on a GPU: such a host has cores
@@ -30,6 +34,53 @@ def worker_window_s(given_s: float | None, device_type: str) -> float:
     if given_s is not None:
         return given_s
     return GPU_BUSY_POLL_S if device_type == "cuda" else 0.0
+
+
+# A gateway polls by default only where it may use this many CPUs: with the worker's front and
+# engine core polling on the same host, and Redis and the model's own threads besides.
+GATEWAY_POLL_MIN_CPUS = 8
+
+
+def gateway_window_s(given_s: float | None, cpus: float | None = None) -> float:
+    """The gateway's polling window: the one given, else GPU_BUSY_POLL_S where it may use
+    GATEWAY_POLL_MIN_CPUS or more CPUs (`cpus`, default usable_cpus()), else none."""
+    if given_s is not None:
+        return given_s
+    return GPU_BUSY_POLL_S if (usable_cpus() if cpus is None else cpus) >= GATEWAY_POLL_MIN_CPUS \
+        else 0.0
+
+
+def usable_cpus() -> float:
+    """The CPUs this process may run on: its affinity, capped by a cgroup CPU quota (a container's
+    CPU limit), which the affinity does not show."""
+    try:
+        cpus = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        cpus = float(os.cpu_count() or 1)
+    quota = _cgroup_quota()
+    return cpus if quota is None else min(cpus, quota)
+
+
+def _cgroup_quota() -> float | None:
+    root = Path("/sys/fs/cgroup")
+    try:
+        return quota_cpus((root / "cpu.max").read_text())  # cgroup v2
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: quota and period in two files
+        return quota_cpus((root / "cpu" / "cpu.cfs_quota_us").read_text() + " "
+                          + (root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def quota_cpus(text: str) -> float | None:
+    """The CPUs a quota given as "QUOTA PERIOD" allows (cgroup v2's cpu.max, or v1's two files
+    joined); None for no quota ("max", or v1's -1)."""
+    quota, period = text.split()[:2]
+    if quota == "max" or int(quota) < 0 or int(period) <= 0:
+        return None
+    return int(quota) / int(period)
 
 
 def run_loop(main: Coroutine[Any, Any, Any]) -> Any:

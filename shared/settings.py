@@ -141,8 +141,9 @@ class GatewaySettings(_Settings):
     gateway_id: str = Field(default_factory=_default_gateway_id, pattern=_ID_PATTERN)
     keepalive_s: float = Field(default=10.0, gt=0)  # SSE comment interval while a request waits
     # Keep polling this long after each request or reply instead of sleeping (shared/busy_poll.py):
-    # lower latency for a core's worth of CPU; 0 (off) unless cores are plenty.
-    busy_poll_ms: float = Field(default=0.0, ge=0, le=1000)
+    # lower latency for a core's worth of CPU while traffic flows. None: 20 ms where the gateway
+    # may use 8 or more CPUs (affinity capped by a cgroup quota), else 0 (off).
+    busy_poll_ms: float | None = Field(default=None, ge=0, le=1000)
 
     @field_validator("api_keys", "models", mode="before")
     @classmethod

@@ -63,3 +63,29 @@ def test_the_engine_core_window_follows_the_worker_settings() -> None:
     assert _core_busy_poll_s(WorkerSettings(busy_poll_ms=5)) == 0.005
     assert _core_busy_poll_s(WorkerSettings(busy_poll_ms=5, core_busy_poll_ms=0)) == 0.0
     assert _core_busy_poll_s(WorkerSettings(core_busy_poll_ms=30)) == 0.03
+
+
+def test_a_cgroup_quota_reads_as_cpus() -> None:
+    from shared.busy_poll import quota_cpus
+
+    assert quota_cpus("max 100000\n") is None  # cgroup v2, no limit
+    assert quota_cpus("250000 100000\n") == 2.5
+    assert quota_cpus("-1\n 100000\n") is None  # cgroup v1, no limit
+    assert quota_cpus("50000\n 100000\n") == 0.5
+
+
+def test_the_gateway_polls_by_default_only_where_cpus_are_plenty() -> None:
+    from shared.busy_poll import GATEWAY_POLL_MIN_CPUS, GPU_BUSY_POLL_S, gateway_window_s
+
+    assert gateway_window_s(None, cpus=GATEWAY_POLL_MIN_CPUS) == GPU_BUSY_POLL_S
+    assert gateway_window_s(None, cpus=GATEWAY_POLL_MIN_CPUS - 0.5) == 0.0  # e.g. a quota
+    assert gateway_window_s(0.0, cpus=64) == 0.0  # told not to
+    assert gateway_window_s(0.005, cpus=2) == 0.005  # told to
+
+
+def test_usable_cpus_is_at_most_the_affinity() -> None:
+    import os
+
+    from shared.busy_poll import usable_cpus
+
+    assert 0 < usable_cpus() <= len(os.sched_getaffinity(0))
