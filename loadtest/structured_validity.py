@@ -14,16 +14,17 @@ vocabulary, and the throughput of a half-constrained batch against a free one, i
    the sampler's extra time with the masks applied (the packed rows expanded into one additive
    bias, the logits copied and the bias added in place; against the same greedy sampler without
    masks, which needs no copy), at batch 1 and 64.
-3. Mixed batch: the model's engine kept full at --batch requests for --steps steps, half of
-   them under the supported schemas' grammars, against an all-free batch (every row --max-len
-   tokens) and against a "stand-in" batch whose rows in place of the constrained ones are free
-   with the lengths the constrained outputs had (the same work but the masking); each finished
-   request is replaced by one of its kind.
-   Output tokens per second of wall time and of the process's CPU time (steadier on a shared
-   machine), the two sides alternating; the ratio is the median of the per-round ratios.
+3. Mixed batch: an engine kept full at --batch requests, half of them under the supported
+   schemas' grammars, against an all-free batch (every row --max-len tokens) and against a
+   "stand-in" batch whose rows in place of the constrained ones are free with the lengths the
+   constrained outputs had (the same work but the masking); each finished request is replaced
+   by one of its kind. Each side has an engine of its own (three copies of the model), and they
+   take turns of --block-steps steps, --blocks times each, the order rotating: a machine whose
+   speed drifts slows all three alike. Output tokens per second of wall time and of the
+   process's CPU time over each side's turns; the spread is that of the ratios of the turns.
 
     python -m loadtest.structured_validity
-    python -m loadtest.structured_validity --model tiny --samples 4 --batch 32 --steps 200
+    python -m loadtest.structured_validity --model tiny --samples 4 --batch 32 --blocks 100
 """
 
 from __future__ import annotations
@@ -233,81 +234,101 @@ class _Fixed:
 # -- 3. mixed batch ----------------------------------------------------------------------------
 
 
-def steady_throughput(engine: Engine, compiler: GrammarCompiler, prompt: list[int],
-                      grammars: list[str], batch: int, steps: int, max_tokens: int,
-                      half: str, lengths: list[int]) -> tuple[float, float]:
-    """Output tokens per second of wall time and per second of this process's CPU time, with
-    the engine kept at `batch` requests and every finished request replaced by one of its kind.
+class _Side:
+    """One engine kept at `batch` requests, every finished request replaced by one of its kind.
 
     Half the rows are free (max_tokens, EOS ignored); the other half are `half`: "grammar"
     (under the grammars in turn; their output lengths are appended to `lengths`), "free" (like
-    the first half), or "stand-in" (free, with the lengths grammar rows had, so the batch does
-    the same work minus the masking).
+    the first half), or "stand-in" (free, each taking the next length the grammar rows had, so
+    the batch does the same work minus the masking).
     """
-    ids = itertools.count()
-    kinds: dict[str, str] = {}
-    cycle = itertools.cycle(grammars)
-    stand_in = itertools.cycle(lengths or [max_tokens])
-    produced: dict[str, int] = {}
 
-    def add(kind: str) -> None:
-        rid = f"q{next(ids)}"
-        kinds[rid] = kind
-        mask = compiler.compile(next(cycle)) if kind == "grammar" else None
-        limit = next(stand_in) if kind == "stand-in" else max_tokens
+    def __init__(self, engine: Engine, compiler: GrammarCompiler, prompt: list[int],
+                 grammars: list[str], batch: int, max_tokens: int, half: str,
+                 lengths: list[int]) -> None:
+        self.engine, self.compiler, self.prompt, self.half = engine, compiler, prompt, half
+        self.max_tokens, self.lengths = max_tokens, lengths
+        self._ids = itertools.count()
+        self._grammars = itertools.cycle(grammars)
+        self._kinds: dict[str, str] = {}
+        self._produced: dict[str, int] = {}
+        self._stand_ins = 0
+        self.tokens, self.wall, self.cpu = 0, 0.0, 0.0  # the timed blocks' totals
+        self.block_rates: list[float] = []  # tokens per wall second, per timed block
+        for i in range(batch):
+            self._add(half if i < batch // 2 else "free")
+
+    def _add(self, kind: str) -> None:
+        rid = f"q{next(self._ids)}"
+        self._kinds[rid] = kind
+        mask = self.compiler.compile(next(self._grammars)) if kind == "grammar" else None
+        limit = self.max_tokens
+        if kind == "stand-in" and self.lengths:
+            limit = self.lengths[self._stand_ins % len(self.lengths)]
+            self._stand_ins += 1
         params = SamplingParams(temperature=1.0, max_tokens=limit, ignore_eos=kind != "grammar")
-        engine.add_request(rid, prompt, params, logits_mask=mask)
+        self.engine.add_request(rid, self.prompt, params, logits_mask=mask)
 
-    for i in range(batch):
-        add(half if i < batch // 2 else "free")
-    tokens = 0
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        for out in engine.step():
-            tokens += len(out.new_token_ids)
-            produced[out.request_id] = produced.get(out.request_id, 0) + len(out.new_token_ids)
-            if out.finished:
-                kind = kinds.pop(out.request_id)
-                if kind == "grammar":
-                    lengths.append(produced[out.request_id])
-                add(kind)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    engine.abort(list(kinds))
-    return tokens / wall, tokens / cpu
+    def run(self, steps: int, timed: bool = True) -> None:
+        tokens = 0
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            for out in self.engine.step():
+                n = len(out.new_token_ids)
+                tokens += n
+                self._produced[out.request_id] = self._produced.get(out.request_id, 0) + n
+                if out.finished:
+                    kind = self._kinds.pop(out.request_id)
+                    if kind == "grammar":
+                        self.lengths.append(self._produced[out.request_id])
+                    del self._produced[out.request_id]
+                    self._add(kind)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if timed:
+            self.tokens += tokens
+            self.wall += wall
+            self.cpu += cpu
+            self.block_rates.append(tokens / wall)
+
+    def close(self) -> None:
+        self.engine.abort(list(self._kinds))
 
 
-def mixed_batch(llm: LLM, compiler: GrammarCompiler, grammars: list[str], batch: int,
-                steps: int, repeats: int, max_tokens: int) -> dict[str, Any]:
-    assert llm.tokenizer is not None
-    prompt = llm.tokenizer.encode(PROMPT)
+def mixed_batch(engines: list[Engine], compiler: GrammarCompiler, prompt: list[int],
+                grammars: list[str], batch: int, block_steps: int, blocks: int,
+                max_tokens: int) -> dict[str, Any]:
+    """The three sides, each on an engine of its own, take turns `block_steps` steps at a time
+    (the order rotating), so drift of the machine's speed falls on all three alike; throughput
+    is each side's tokens over its timed blocks' time."""
     for g in grammars:  # compiled once up front, as the service's cache would hold them
         compiler.compile(g)
     lengths: list[int] = []
-    sides = ("grammar", "free", "stand-in")
-    wall: dict[str, list[float]] = {side: [] for side in sides}
-    cpu: dict[str, list[float]] = {side: [] for side in sides}
-    steady_throughput(llm.engine, compiler, prompt, grammars, batch, 40, max_tokens, "grammar",
-                      lengths)
-    for _ in tqdm(range(repeats), desc="mixed batch", unit="round"):
-        for side in sides:
-            w, c = steady_throughput(llm.engine, compiler, prompt, grammars, batch, steps,
-                                     max_tokens, side, lengths)
-            wall[side].append(w)
-            cpu[side].append(c)
-
-    def ratios(rates: dict[str, list[float]], base: str) -> list[float]:
-        # Within each round: the sides of a round ran back to back under the same load.
-        return [m / f for m, f in zip(rates["grammar"], rates[base], strict=True)]
-
-    out: dict[str, Any] = {"batch": batch, "constrained": batch // 2, "steps": steps,
-                           "repeats": repeats, "max_tokens": max_tokens,
-                           "mean_constrained_len": statistics.mean(lengths or [0]), "wall": wall,
-                           "cpu": cpu}
+    sides = [_Side(engine, compiler, prompt, grammars, batch, max_tokens, half, lengths)
+             for engine, half in zip(engines, ("grammar", "free", "stand-in"), strict=True)]
+    sides[0].run(40, timed=False)  # first grammar lengths for the stand-in; warm-up for all
+    for side in sides[1:]:
+        side.run(10, timed=False)
+    for b in tqdm(range(blocks), desc="mixed batch", unit="block"):
+        for side in sides[b % 3:] + sides[:b % 3]:
+            side.run(block_steps)
+    for side in sides:
+        side.close()
+    by = {side.half: side for side in sides}
+    out: dict[str, Any] = {
+        "batch": batch, "constrained": batch // 2, "block_steps": block_steps, "blocks": blocks,
+        "max_tokens": max_tokens, "mean_constrained_len": statistics.mean(lengths or [0]),
+        "wall": {k: v.tokens / v.wall for k, v in by.items()},
+        "cpu": {k: v.tokens / v.cpu for k, v in by.items()}}
     for base in ("free", "stand-in"):
-        for clock, rates in (("wall", wall), ("cpu", cpu)):
-            r = ratios(rates, base)
-            out[f"{clock}_ratio_vs_{base}"] = statistics.median(r)
-            out[f"{clock}_ratios_vs_{base}"] = r
+        for clock in ("wall", "cpu"):
+            out[f"{clock}_ratio_vs_{base}"] = out[clock]["grammar"] / out[clock][base]
+        # Spread: the ratio of neighbouring blocks (the grammar side's and the base's in the
+        # same turn), quartiles over the run.
+        per_block = [g / f for g, f in zip(by["grammar"].block_rates, by[base].block_rates,
+                                           strict=True)]
+        out[f"block_ratios_vs_{base}"] = per_block
+        out[f"block_ratio_quartiles_vs_{base}"] = (statistics.quantiles(per_block, n=4)
+                                                   if len(per_block) > 1 else per_block * 3)
     return out
 
 
@@ -326,9 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=128256, help="masking-cost vocabulary size")
     p.add_argument("--mask-steps", type=int, default=100, help="steps per masking-cost batch")
     p.add_argument("--batch", type=int, default=32, help="mixed-batch size")
-    p.add_argument("--steps", type=int, default=100, help="timed engine steps per mixed run")
+    p.add_argument("--block-steps", type=int, default=10,
+                   help="engine steps a mixed-batch side runs before the next takes its turn")
+    p.add_argument("--blocks", type=int, default=150, help="timed turns per mixed-batch side")
     p.add_argument("--max-len", type=int, default=64, help="output tokens of a free mixed row")
-    p.add_argument("--repeats", type=int, default=3, help="mixed runs per side (median)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 keeps timings steady on a shared machine)")
     p.add_argument("--output-json", default="results/structured_validity.json")
@@ -367,16 +389,22 @@ def main(argv: list[str] | None = None) -> int:
 
     grammars = [g for e in schemas
                 if (g := grammar_or_reason(e["schema"], compact)[0]) is not None]
-    report["mixed"] = m = mixed_batch(llm, compiler, grammars, args.batch, args.steps,
-                                      args.repeats, max_tokens=args.max_len)
+    # The other two sides get engines of their own (the same model and settings).
+    engines = [eng] + [LLM(args.model, device="cpu", max_num_seqs=max(args.batch, 64)).engine
+                       for _ in range(2)]
+    report["mixed"] = m = mixed_batch(engines, compiler, llm.tokenizer.encode(PROMPT), grammars,
+                                      args.batch, args.block_steps, args.blocks,
+                                      max_tokens=args.max_len)
     print(f"mixed batch of {m['batch']} ({m['constrained']} under a grammar, mean output "
-          f"{m['mean_constrained_len']:.0f} tokens; free rows {m['max_tokens']}):")
+          f"{m['mean_constrained_len']:.0f} tokens; free rows {m['max_tokens']}), "
+          f"{m['blocks']} turns of {m['block_steps']} steps per side:")
     for base in ("free", "stand-in"):
+        q = m[f"block_ratio_quartiles_vs_{base}"]
         for clock in ("wall", "cpu"):
-            r = m[f"{clock}_ratios_vs_{base}"]
-            print(f"  vs {base:8} {clock:4}: {statistics.median(m[clock]['grammar']):6.0f} vs "
-                  f"{statistics.median(m[clock][base]):6.0f} tok/s, ratio "
-                  f"{m[f'{clock}_ratio_vs_{base}']:.3f} (rounds {min(r):.2f}..{max(r):.2f})")
+            print(f"  vs {base:8} {clock:4}: {m[clock]['grammar']:6.0f} vs {m[clock][base]:6.0f} "
+                  f"tok/s, ratio {m[f'{clock}_ratio_vs_{base}']:.3f}"
+                  + (f" (turns' quartiles {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f})"
+                     if clock == "wall" else ""))
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -24,11 +24,13 @@ def test_benchmark_reports_validity_mask_cost_and_mixed_batch(tiny_model_dir: Pa
                                                              tmp_path: Path) -> None:
     out = tmp_path / "structured.json"
     assert main(["--model", str(tiny_model_dir), "--samples", "1", "--max-tokens", "24",
-                 "--vocab", "4096", "--mask-steps", "3", "--batch", "4", "--steps", "3",
-                 "--repeats", "1", "--output-json", str(out)]) == 0
+                 "--vocab", "4096", "--mask-steps", "3", "--batch", "4", "--block-steps", "2",
+                 "--blocks", "3", "--max-len", "8", "--output-json", str(out)]) == 0
     report = json.loads(out.read_text())
     v = report["validity"]
     assert v["num_unsupported"] >= 5 and all(v["unsupported"].values())
     assert v["num_valid"] == v["num_stopped"]  # every output that ended is valid
     assert [c["batch"] for c in report["mask_cost"]] == [1, 64]
-    assert report["mixed"]["cpu_ratio_vs_stand-in"] > 0 and report["mixed"]["wall_ratio_vs_free"] > 0
+    m = report["mixed"]
+    assert m["cpu_ratio_vs_stand-in"] > 0 and m["wall_ratio_vs_free"] > 0
+    assert len(m["block_ratios_vs_stand-in"]) == 3 and m["mean_constrained_len"] > 0
