@@ -303,11 +303,11 @@ def mixed_batch(engines: list[Engine], compiler: GrammarCompiler, prompt: list[i
     for g in grammars:  # compiled once up front, as the service's cache would hold them
         compiler.compile(g)
     lengths: list[int] = []
-    sides = [_Side(engine, compiler, prompt, grammars, batch, max_tokens, half, lengths)
-             for engine, half in zip(engines, ("grammar", "free", "stand-in"), strict=True)]
-    sides[0].run(40, timed=False)  # first grammar lengths for the stand-in; warm-up for all
-    for side in sides[1:]:
-        side.run(10, timed=False)
+    sides = [_Side(engines[0], compiler, prompt, grammars, batch, max_tokens, "grammar", lengths)]
+    sides[0].run(40, timed=False)  # the first grammar rows' lengths, before any stand-in row
+    for engine, half in zip(engines[1:], ("free", "stand-in"), strict=True):
+        sides.append(_Side(engine, compiler, prompt, grammars, batch, max_tokens, half, lengths))
+        sides[-1].run(10, timed=False)
     for b in tqdm(range(blocks), desc="mixed batch", unit="block"):
         for side in sides[b % 3:] + sides[:b % 3]:
             side.run(block_steps)

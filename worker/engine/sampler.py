@@ -284,16 +284,17 @@ class Sampler:
         # logits is the sampler's own copy here (a mask counts as an edit), so it is edited in
         # place: each pass over [n, vocab] counts at a large vocabulary. Adding the bias is one
         # fused pass, cheaper than filling through a bool mask (logits are finite: no inf - inf).
+        index = None
         if len(rows) == len(requests):
-            sub = logits.add_(bias)
+            logits.add_(bias)
         else:
             index = self._tensor(rows, torch.long, logits)
             logits.index_add_(0, index, bias)
-            sub = logits.index_select(0, index) if other else logits  # [n_mask, vocab]
         if other:
             # A row with no finite logit left samples a meaningless token (NaN probabilities in
             # that row alone); it is discarded with the error these flags raise after the one
             # transfer. (Packed rows are checked on the host instead: see _MaskState.)
+            sub = logits if index is None else logits.index_select(0, index)  # [n_mask, vocab]
             state.dead = torch.isneginf(sub.amax(dim=-1))  # [n_mask]
         return state
 
