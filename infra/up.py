@@ -58,8 +58,10 @@ class Launcher:
         if redis_url is None:
             self.redis_server = RedisServer(data_dir=data_dir / "redis", appendonly=True)
             self.redis_server.start()
-            redis_url = self.redis_server.url
-            log.info("started Redis at %s (data in %s)", redis_url, data_dir / "redis")
+            # This host's processes use the Unix socket; other hosts' workers would use `url`.
+            redis_url = self.redis_server.local_url
+            log.info("started Redis at %s and %s (data in %s)", self.redis_server.url, redis_url,
+                     data_dir / "redis")
         env = {**os.environ, "SLUICE_REDIS_URL": redis_url}
         cli = [sys.executable, "-m", "infra.cli"]
         # Other scaler settings (SLUICE_STABILIZATION_S, ...) come from the environment.

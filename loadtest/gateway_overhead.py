@@ -304,7 +304,7 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self, **extra: Any) -> dict[str, str]:
-        env = {**os.environ, **self.process_env, "SLUICE_REDIS_URL": self.redis.url,
+        env = {**os.environ, **self.process_env, "SLUICE_REDIS_URL": self.redis.local_url,
                "SLUICE_API_KEYS": API_KEY}
         env.update({f"SLUICE_{k.upper()}": str(v) for k, v in extra.items() if v is not None})
         return env
@@ -345,7 +345,7 @@ class Service:
 
     def wait_ready(self, model: str, worker: str) -> None:
         """Until a heartbeat of `model` says ready and the gateway answers /health."""
-        client = redis.Redis.from_url(self.redis.url)
+        client = redis.Redis.from_url(self.redis.local_url)
         deadline = time.monotonic() + self.timeout_s
         try:
             while time.monotonic() < deadline:
@@ -668,7 +668,7 @@ async def traced_pass(svc: Service, gateway_id: str, model: str, prompts: list[l
     ready, stop = ctx.Event(), ctx.Event()
     path = svc.workdir / "trace.txt"
     observer = ctx.Process(target=observe_channel, daemon=True, args=(
-        svc.redis.url, names.gateway_channel(gateway_id), str(path), ready, stop))
+        svc.redis.local_url, names.gateway_channel(gateway_id), str(path), ready, stop))
     observer.start()
     try:
         if not await asyncio.to_thread(ready.wait, 60):
@@ -687,7 +687,7 @@ async def traced_pass(svc: Service, gateway_id: str, model: str, prompts: list[l
         t, rid, seq, n = line.split()
         for i in range(int(n)):
             published[(rid, int(seq) + i)] = float(t)
-    client = redis.Redis.from_url(svc.redis.url)
+    client = redis.Redis.from_url(svc.redis.local_url)
     created = {}
     try:
         for s in streams:
@@ -821,7 +821,7 @@ def latency_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, A
                            # The gateway SCANs the whole keyspace for worker heartbeats on every
                            # request, and each finished request leaves a record key: intake
                            # slows as keys pile up.
-                           "redis_keys_after": _dbsize(svc.redis.url)})
+                           "redis_keys_after": _dbsize(svc.redis.local_url)})
             pd, ps = passes[-1]["direct"], passes[-1]["service"]
             print(f"  pass {r + 1}: ITL p50 direct {pd['itl_ms']['p50']:.2f} ms, service "
                   f"{ps['itl_ms']['p50']:.2f} ms; TTFT p50 direct {pd['ttft_ms']['p50']:.2f} ms, "
@@ -1053,7 +1053,7 @@ def bus_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]:
             svc.spawn(name, argv, svc.env(model=str(model_dir), served_model_name=NULL_MODEL,
                                           max_num_seqs=args.null_max_num_seqs))
             svc.wait_ready(NULL_MODEL, name)
-            asyncio.run(run_redis_direct(svc.redis.url, NULL_MODEL, warm, min(out_len, 16), c))
+            asyncio.run(run_redis_direct(svc.redis.local_url, NULL_MODEL, warm, min(out_len, 16), c))
             asyncio.run(run_http(svc.base_url, NULL_MODEL, warm, min(out_len, 16), c,
                                  parse=False, max_opening=args.max_opening))
             pids = svc.pids(name)
@@ -1067,7 +1067,7 @@ def bus_mode(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, Any]:
                                  {k: v for k, v in pids.items() if k != "gateway"})
                 meter.start()
                 if path == "redis":
-                    streams, _ = asyncio.run(run_redis_direct(svc.redis.url, NULL_MODEL, prompts,
+                    streams, _ = asyncio.run(run_redis_direct(svc.redis.local_url, NULL_MODEL, prompts,
                                                               out_len, c))
                 else:
                     streams, _ = asyncio.run(run_http(svc.base_url, NULL_MODEL, prompts, out_len,

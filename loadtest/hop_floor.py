@@ -173,12 +173,12 @@ def measure(gaps_ms: list[float], requests: int, warmup: int, aof: bool) -> dict
         server.start()
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            redis.Redis.from_url(server.url).xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+            redis.Redis.from_url(server.local_url).xgroup_create(STREAM, GROUP, id="0", mkstream=True)
             port = free_port()
             for role in (["front"], ["gateway", "--port", str(port)]):
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "loadtest.hop_floor", "--role", *role,
-                     "--redis-url", server.url], stdin=subprocess.DEVNULL))
+                     "--redis-url", server.local_url], stdin=subprocess.DEVNULL))
             _wait_listening(port, procs)
             for gap in gaps_ms:
                 ttft = asyncio.run(_client(port, requests, gap / 1e3, warmup))

@@ -53,10 +53,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
-    """URL of the session's server, emptied (FLUSHALL) so each test starts from nothing."""
-    client = redis.Redis.from_url(redis_server.url)
+    """URL of the session's server, emptied (FLUSHALL) so each test starts from nothing: its Unix
+    socket, as `sluice up` gives its own processes."""
+    client = redis.Redis.from_url(redis_server.local_url)
     try:
         client.flushall()
     finally:
         client.close()
-    return redis_server.url
+    return redis_server.local_url

@@ -212,12 +212,12 @@ def local_stack(config: PolicyConfig, *, worker_env: dict[str, str] | None = Non
     with tempfile.TemporaryDirectory(prefix="sluice-scaler-") as tmp:
         server = RedisServer(data_dir=Path(tmp) / "redis", appendonly=False).start()
         port = free_port()
-        env = {**os.environ, "SLUICE_REDIS_URL": server.url, "SLUICE_API_KEYS": API_KEY,
+        env = {**os.environ, "SLUICE_REDIS_URL": server.local_url, "SLUICE_API_KEYS": API_KEY,
                "SLUICE_HEARTBEAT_S": "0.25", "SLUICE_HEARTBEAT_TTL_S": "2", **(worker_env or {})}
         gateway = subprocess.Popen([sys.executable, "-m", "infra.cli", "gateway", "--port",
                                     str(port)], env=env, start_new_session=True)
-        client = redis.Redis.from_url(server.url)
-        backend = LocalBackend(server.url, "tiny", "tiny", device="cpu", env=env,
+        client = redis.Redis.from_url(server.local_url)
+        backend = LocalBackend(server.local_url, "tiny", "tiny", device="cpu", env=env,
                                log_dir=Path(tmp) / "workers")
         loop = ScalerLoop(client, "tiny", backend, config, interval_s=interval_s,
                           on_step=on_step)

@@ -103,6 +103,24 @@ def test_start_answers_and_stop_ends_the_process(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.rdb"))  # and no snapshot either: --save ""
 
 
+def test_local_processes_reach_the_same_server_through_its_unix_socket(tmp_path: Path) -> None:
+    with RedisServer(data_dir=tmp_path, appendonly=False) as server:
+        assert server.local_url == f"unix://{tmp_path / 'redis.sock'}?db=0"
+        assert stat.S_IMODE((tmp_path / "redis.sock").stat().st_mode) == 0o700
+        local = redis.Redis.from_url(server.local_url)
+        local.set("k", "v")
+        assert _client(server).get("k") == b"v"  # the TCP client sees the same data
+        assert "U" in local.client_info()["flags"]  # Redis's flag for a Unix-socket client
+        local.close()
+
+
+def test_a_path_too_long_for_a_socket_keeps_to_tcp(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)
+    with RedisServer(data_dir=deep, appendonly=False) as server:
+        assert server.socket_path is None and server.local_url == server.url
+        assert redis.Redis.from_url(server.local_url).ping()
+
+
 def test_context_manager_starts_and_stops(tmp_path: Path) -> None:
     with RedisServer(data_dir=tmp_path, appendonly=False) as server:
         assert _client(server).ping()
