@@ -22,6 +22,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
@@ -155,7 +156,7 @@ class RedisServer:
         `url`. (`url`, over TCP, is the one to give to other hosts.)"""
         if self.socket_path is None:
             return self.url
-        return f"unix://{self.socket_path}?db=0"
+        return f"unix://{quote(str(self.socket_path))}?db=0"  # a '#' or '?' in the path
 
     @property
     def pid(self) -> int | None:

@@ -114,6 +114,12 @@ def test_local_processes_reach_the_same_server_through_its_unix_socket(tmp_path:
         local.close()
 
 
+def test_a_socket_path_with_url_characters_still_connects(tmp_path: Path) -> None:
+    with RedisServer(data_dir=tmp_path / "a b#c?d%", appendonly=False) as server:
+        assert server.socket_path is not None
+        assert redis.Redis.from_url(server.local_url).ping()
+
+
 def test_a_path_too_long_for_a_socket_keeps_to_tcp(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 120)
     with RedisServer(data_dir=deep, appendonly=False) as server:
