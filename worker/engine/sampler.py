@@ -516,11 +516,11 @@ class Sampler:
                 )
         if masks is not None:
             n_mask = len(masks.rows)
-            flags = masks.packed is None
-            empty = flat[pos:pos + n_mask] if flags else [0.0] * n_mask
-            dead = flat[pos + n_mask:pos + 2 * n_mask] if flags else empty
+            # Device-side flags (empty, then dead) travel only for masks not checked on the host.
+            flags = flat[pos:pos + 2 * n_mask] if masks.packed is None else None
             for j, i in enumerate(masks.rows):
-                error = masks.error(j, i, token_ids[i], dead[j], empty[j])
+                error = (masks.error(j, i, token_ids[i]) if flags is None else
+                         masks.error(j, i, token_ids[i], dead=flags[n_mask + j], empty=flags[j]))
                 if error is not None:
                     errors[i] = error
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs, errors=errors)
