@@ -49,7 +49,7 @@ from gateway.structured import (
     tool_call_response,
     uses_tool_calls,
 )
-from shared import names, trace
+from shared import names, resp, trace
 from shared.busy_poll import LoopPoller, gateway_window_s
 from shared.errors import (
     AuthenticationError,
@@ -83,11 +83,11 @@ _FLEET_REFRESH_S = 0.25
 
 # XADD the job unless the queue already holds the cap; answers the entry id, or the depth
 # (an integer) when full.
-_ENQUEUE_IF_ROOM = """
+_ENQUEUE_IF_ROOM = resp.Script("""
 local depth = redis.call('XLEN', KEYS[1])
 if depth >= tonumber(ARGV[1]) then return depth end
 return redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[3])
-"""
+""")
 
 
 async def _get_within(queue: asyncio.Queue[Event], timeout_s: float) -> Event:
@@ -146,8 +146,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=512,
                                                         timeout=30)
         state["redis"] = aioredis.Redis(connection_pool=pool)
-        state["enqueue_if_room"] = state["redis"].register_script(_ENQUEUE_IF_ROOM)
-        state["router"] = ReplyRouter(state["redis"], names.gateway_channel(settings.gateway_id),
+        # Each job's XADD goes over a lean connection of its own (shared/resp.py): it is on
+        # every request's path, and the pool's client work would cost more than the round trip.
+        state["lane"] = resp.RespClient(settings.redis_url)
+        await state["lane"].connection()
+        state["router"] = ReplyRouter(settings.redis_url, names.gateway_channel(settings.gateway_id),
                                       on_message=poller.kick)
         await state["router"].start()
         watcher = asyncio.create_task(run_resilient(watch_fleet, "fleet view", log))
@@ -158,6 +161,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         watcher.cancel()
         polling.cancel()
         await state["router"].stop()
+        await state["lane"].aclose()
         await state["redis"].aclose()
 
     # No slash redirects: a client of a JSON API wants the error, not a bare 307 to follow
@@ -227,9 +231,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         last place); a refused request gives its Idempotency-Key back for the retry."""
         # Workers delete entries as they acknowledge them: the length is the unfinished backlog.
         trace.point("g_xadd", job.id)
-        added = await state["enqueue_if_room"](
-            keys=[names.queue(job.model)],
-            args=[settings.queue_cap, names.JOB_FIELD, job.model_dump_json()])
+        added = await state["lane"].run_script(
+            _ENQUEUE_IF_ROOM, [names.queue(job.model)],
+            [settings.queue_cap, names.JOB_FIELD, job.model_dump_json()])
         if isinstance(added, int):
             if idempotency_key:
                 await state["redis"].delete(

@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from shared import trace
+from shared import resp, trace
 from shared.messages import Event, Reply
 from shared.resilient import run_resilient
 
@@ -17,11 +17,16 @@ log = logging.getLogger(__name__)
 
 
 class ReplyRouter:
-    """Subscribes once to `channel` and hands each event to the queue of its request."""
+    """Subscribes once to `channel` and hands each event to the queue of its request.
 
-    def __init__(self, redis: aioredis.Redis, channel: str,
+    The subscription is a lean connection (`shared/resp.py`) whose read callback parses each
+    message and puts its events on their queues: a reply reaches its stream with no listener
+    task to wake and no client library in between.
+    """
+
+    def __init__(self, redis_url: str, channel: str,
                  on_message: Callable[[], None] = lambda: None) -> None:
-        self.redis = redis
+        self.redis_url = redis_url
         self.channel = channel
         self._on_message = on_message  # called for every message on the channel
         self._queues: dict[str, asyncio.Queue[Event]] = {}
@@ -49,35 +54,28 @@ class ReplyRouter:
         await run_resilient(self._listen, f"reply channel {self.channel}", log)
 
     async def _listen(self) -> None:
-        pubsub = self.redis.pubsub()
+        conn = await resp.connect(self.redis_url, on_message=self._route)
         try:
-            await pubsub.subscribe(self.channel)
-        except Exception:
-            await pubsub.aclose()
-            raise
-        self._subscribed.set()
-        async for message in pubsub.listen():
-            if message.get("type") != "message":
-                continue
-            self._on_message()
-            try:
-                reply = Reply.model_validate_json(message["data"])
-            except Exception as e:
-                log.error("dropping a malformed reply: %s", e)
-                continue
-            delivered = False
-            for event in reply.events:
-                if trace.ON and event.seq == 0 and event.token_ids:
-                    trace.point("g_reply", event.req_id)
-                q = self._queues.get(event.req_id)
-                if q is not None:
-                    q.put_nowait(event)
-                    delivered = True
-            if delivered:
-                # The streams this woke run before the next read: the client library's work
-                # for a read (health check, retry and timeout set-up) would otherwise come
-                # first, on every token's path.
-                await asyncio.sleep(0)
+            await conn.execute("SUBSCRIBE", self.channel)
+            self._subscribed.set()
+            await conn.wait_closed()
+        finally:
+            conn.close()
+        raise RedisConnectionError(f"the subscription to {self.channel} was closed")
+
+    def _route(self, channel: bytes, data: bytes) -> None:
+        self._on_message()
+        try:
+            reply = Reply.model_validate_json(data)
+        except Exception as e:
+            log.error("dropping a malformed reply: %s", e)
+            return
+        for event in reply.events:
+            if trace.ON and event.seq == 0 and event.token_ids:
+                trace.point("g_reply", event.req_id)
+            q = self._queues.get(event.req_id)
+            if q is not None:
+                q.put_nowait(event)
 
 
 @dataclass
