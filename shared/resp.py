@@ -230,6 +230,16 @@ async def connect(url: str, on_message: OnMessage | None = None,
     return await asyncio.wait_for(open_(), timeout_s)
 
 
+def stream_entries(reply: Reply) -> list[tuple[str, dict[bytes, bytes]]]:
+    """XREADGROUP's reply (nil when it timed out) as (entry id, fields) pairs."""
+    out = []
+    for _, entries in reply or ():
+        for entry_id, flat in entries:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+            out.append((entry_id.decode(), fields))
+    return out
+
+
 class Script:
     """A Lua script run by its SHA1, loaded (by EVAL) only where the server lacks it."""
 
@@ -260,6 +270,20 @@ class RespClient:
         if conn is None or conn.is_closed:
             conn = await self.connection()
         return await conn.execute(*args)
+
+    async def pipeline(self, commands: Sequence[Sequence[bytes | str | int | float]]
+                       ) -> list[Reply]:
+        """Sends every command at once and returns their replies; like redis-py's pipeline,
+        raises the first error reply once all are in (the commands after it still ran)."""
+        conn = self._conn
+        if conn is None or conn.is_closed:
+            conn = await self.connection()
+        futures = [conn.send(*c) for c in commands]
+        replies = [await f for f in futures]
+        for r in replies:
+            if isinstance(r, RedisError):
+                raise r
+        return replies
 
     async def run_script(self, script: Script, keys: Sequence[str],
                          args: Sequence[bytes | str | int | float]) -> Reply:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from shared import names, trace
+from shared import names, resp, trace
 from shared.busy_poll import LoopPoller, run_loop, worker_window_s
 from shared.messages import (
     Cancel,
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 # leaves every job pending. Acknowledged entries leave the stream, whose length is then the
 # unfinished backlog that admission reads (Redis 6.2 reports no consumer-group lag); a cancel
 # that raced the record is moot, and no marker should outlive the request.
-_FINISH_SCRIPT = """
+_FINISH_SCRIPT = resp.Script("""
 local n = (#KEYS - 1) / 3
 for i = 0, n - 1 do
   redis.call('SET', KEYS[2 + 3 * i], ARGV[4 + 2 * i], 'EX', ARGV[2])
@@ -77,7 +77,7 @@ for i = 0, n - 1 do
   redis.call('XDEL', KEYS[1], id)
   redis.call('DEL', KEYS[3 + 3 * i], KEYS[4 + 3 * i])
 end
-return n"""
+return n""")
 
 
 @dataclass
@@ -135,7 +135,13 @@ class WorkerService:
             log.info("the front polls for %.0f ms after each job or step",
                      self._poller.window_s * 1e3)
         self.redis = aioredis.from_url(self.settings.redis_url)
-        self._finish_script = self.redis.register_script(_FINISH_SCRIPT)
+        # The commands on every request's path (its read, lookups, tokens and end) go over
+        # lean connections (shared/resp.py): redis-py's client work costs more than their round
+        # trips. The blocking read has one of its own, or it would hold up the others.
+        self._lane = resp.RespClient(self.settings.redis_url)
+        self._reader = resp.RespClient(self.settings.redis_url)
+        await self._lane.connection()
+        await self._reader.connection()
         await self._ensure_group()
         if self.settings.metrics_port is not None:
             self.metrics.serve(self.settings.metrics_port)
@@ -169,6 +175,8 @@ class WorkerService:
         self._core_stopping = True  # its exit is no loss now
         self._commands.put(Shutdown())
         self._core.join(timeout=10)
+        await self._reader.aclose()
+        await self._lane.aclose()
         await self.redis.aclose()
         if self._core_lost:
             # Its unfinished jobs stay pending in the stream: another worker claims them.
@@ -239,17 +247,17 @@ class WorkerService:
                 continue
             st = self.stats
             room = self.settings.max_waiting - (st.num_waiting if st else 0) - self._in_flight_adds
-            resp: Any = await self.redis.xreadgroup(
-                names.WORKER_GROUP, self.settings.worker_id, {self.stream: ">"},
-                count=max(1, min(self.settings.read_batch, room)), block=200)
+            reply = await self._reader.execute(
+                "XREADGROUP", "GROUP", names.WORKER_GROUP, self.settings.worker_id,
+                "COUNT", max(1, min(self.settings.read_batch, room)), "BLOCK", 200,
+                "STREAMS", self.stream, ">")
             self._read_at = time.time()
-            if resp:
+            if reply:
                 self._poller.kick()
             # Each job goes to the engine before the round trip for its lookups, and that
             # round trip overlaps the next job's: a burst's last job does not wait for the
             # lookups of all the others.
-            jobs = [(entry_id.decode(), fields) for _, entries in resp or []
-                    for entry_id, fields in entries]
+            jobs = resp.stream_entries(reply)
             if len(jobs) == 1:  # the usual read while not busy: no task to wait a loop turn for
                 await self._admit(*jobs[0], first_delivery=True)
             elif jobs:
@@ -276,15 +284,15 @@ class WorkerService:
             # starts first (even the round trip's commands are built after), and a job
             # cancelled while it queued is aborted after.
             running = await self._prepare_and_start(job, entry_id, None, now)
-            is_cancelled, _ = await self._lookups(job.id, now).execute()
+            is_cancelled, _ = await self._lane.pipeline(self._lookups(job.id, now))
             active = self.active.get(job.id)
             if running and is_cancelled and active is not None:
                 self._commands.put(Abort(list(active.engine_ids)))
             return
-        pipe = self._lookups(job.id, now)
-        pipe.get(names.checkpoint(self.model_name, job.id))
-        pipe.get(names.started(self.model_name, job.id))
-        is_cancelled, _, ckpt, first_start = await pipe.execute()
+        is_cancelled, _, ckpt, first_start = await self._lane.pipeline([
+            *self._lookups(job.id, now),
+            ("GET", names.checkpoint(self.model_name, job.id)),
+            ("GET", names.started(self.model_name, job.id))])
         if is_cancelled:
             record = RequestRecord(id=job.id, model=self.model_name, kind=job.kind,
                                    status="cancelled", created=job.created, finished=time.time())
@@ -293,14 +301,13 @@ class WorkerService:
         started = Started.model_validate_json(first_start).started if first_start else None
         await self._prepare_and_start(job, entry_id, ckpt, started)
 
-    def _lookups(self, req_id: str, now: float) -> Any:
-        """A pipeline: is the request cancelled, and mark its start unless one is marked."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.exists(names.cancelled(self.model_name, req_id))
-        pipe.set(names.started(self.model_name, req_id),
+    def _lookups(self, req_id: str, now: float) -> list[tuple[str | int, ...]]:
+        """Commands for one round trip: is the request cancelled, and mark its start unless
+        one is marked."""
+        return [("EXISTS", names.cancelled(self.model_name, req_id)),
+                ("SET", names.started(self.model_name, req_id),
                  Started(worker_id=self.settings.worker_id, started=now).model_dump_json(),
-                 nx=True, ex=self.settings.record_ttl_s)
-        return pipe
+                 "NX", "EX", self.settings.record_ttl_s)]
 
     async def _prepare_and_start(self, job: Job, entry_id: str, ckpt: bytes | None,
                                  started: float | None) -> bool:
@@ -497,14 +504,15 @@ class WorkerService:
                 finished.append(d.request_id)
         # The checkpoint lines go ahead of the PUBLISHes in one pipeline: a client never holds
         # tokens that a resumed request would not continue from.
-        pipe = self.redis.pipeline(transaction=False)
+        commands: list[tuple[str | int, ...]] = []
         if ckpt_keys:
-            pipe.eval(checkpoint.APPEND_SCRIPT, len(ckpt_keys), *ckpt_keys, "".join(ckpt_lines),
-                      self.settings.record_ttl_s)
+            commands.append(("EVAL", checkpoint.APPEND_SCRIPT, len(ckpt_keys), *ckpt_keys,
+                             "".join(ckpt_lines), self.settings.record_ttl_s))
         for channel, events in by_channel.items():
-            pipe.publish(channel, json.dumps({"events": events}, separators=(",", ":")))
-        if len(pipe):
-            await pipe.execute()
+            commands.append(("PUBLISH", channel,
+                             json.dumps({"events": events}, separators=(",", ":"))))
+        if commands:
+            await self._lane.pipeline(commands)
         for d in deltas:
             self.metrics.tokens(d.request_id, len(d.token_ids), got)
         if finished:  # one round trip for every request this step ended
@@ -585,7 +593,7 @@ class WorkerService:
                      names.checkpoint(self.model_name, record.id),
                      names.cancelled(self.model_name, record.id)]
             args += [entry_id, record.model_dump_json()]
-        await self._finish_script(keys=keys, args=args)
+        await self._lane.run_script(_FINISH_SCRIPT, keys, args)
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -595,11 +603,11 @@ class WorkerService:
             await asyncio.sleep(self.settings.heartbeat_s)
             if not self._has_room():
                 continue
-            resp: Any = await self.redis.xautoclaim(
+            autoclaim: Any = await self.redis.xautoclaim(
                 self.stream, names.WORKER_GROUP, self.settings.worker_id,
                 min_idle_time=self.settings.claim_idle_ms, start_id="0-0",
                 count=self.settings.read_batch)
-            claimed = resp[1]  # [next id, entries] on Redis 6.2; a third item on 7
+            claimed = autoclaim[1]  # [next id, entries] on Redis 6.2; a third item on 7
             for entry_id, fields in claimed:
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 if not fields:  # deleted from the stream meanwhile
