@@ -4,7 +4,8 @@ A first token crosses the same processes and channels in the service whatever Sl
 each of them: client -> gateway (HTTP) -> Redis (XADD) -> worker front (blocked XREADGROUP) ->
 engine core (pipe) -> worker front (pipe) -> Redis (PUBLISH) -> gateway (pub/sub) -> client
 (chunked SSE). This script builds that chain from bare parts on the service's own stack
-(asyncio on uvloop, redis-py, a private redis-server with the same append-only file), none of
+(asyncio on uvloop, the lean Redis connection of `shared/resp.py`, a private redis-server with
+the same append-only file), none of
 which does any work beyond passing a few bytes on, and times a request's first SSE event at the
 client exactly as `loadtest.gateway_overhead --mode latency` does (the same minimal HTTP client).
 
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.gateway_overhead import RawConnection, parse_ms_list, summarize
+from shared import resp
 from shared.busy_poll import run_loop
 
 STREAM, GROUP, CHANNEL = "floor:q", "floor", "floor:reply"
@@ -60,9 +62,7 @@ def _core(commands: int, results: int) -> None:
 
 
 async def _front(redis_url: str, to_core: int, from_core: int) -> None:
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(redis_url)
+    lane, reader = resp.RespClient(redis_url), resp.RespClient(redis_url)
     loop = asyncio.get_running_loop()
     results: asyncio.Queue[bytes] = asyncio.Queue()
     loop.add_reader(from_core, lambda: results.put_nowait(os.read(from_core, 4096)))
@@ -72,12 +72,14 @@ async def _front(redis_url: str, to_core: int, from_core: int) -> None:
             data = await results.get()
             for rid in data.split(b"\n"):
                 if rid:
-                    await r.publish(CHANNEL, rid)
+                    await lane.execute("PUBLISH", CHANNEL, rid)
 
     task = asyncio.create_task(publish())
     while True:
-        resp: Any = await r.xreadgroup(GROUP, "front", {STREAM: ">"}, count=8, block=200)
-        for _, entries in resp or []:
+        reply = await reader.execute("XREADGROUP", "GROUP", GROUP, "front", "COUNT", 8,
+                                     "BLOCK", 200, "STREAMS", STREAM, ">")
+        entries = resp.stream_entries(reply)
+        if entries:
             os.write(to_core, b"".join(fields[b"id"] + b"\n" for _, fields in entries))
     task.cancel()
 
@@ -99,21 +101,13 @@ def run_front(redis_url: str) -> None:
 
 
 async def _gateway(redis_url: str, port: int) -> None:
-    import redis.asyncio as aioredis
-
-    r = aioredis.from_url(redis_url)
+    lane = resp.RespClient(redis_url)
     waiting: dict[bytes, asyncio.Future[None]] = {}
-    subscribed = asyncio.Event()
 
-    async def listen() -> None:
-        pubsub = r.pubsub()
-        await pubsub.subscribe(CHANNEL)
-        subscribed.set()
-        async for message in pubsub.listen():
-            if message["type"] == "message":
-                fut = waiting.pop(message["data"], None)
-                if fut is not None:
-                    fut.set_result(None)
+    def route(channel: bytes, data: bytes) -> None:
+        fut = waiting.pop(data, None)
+        if fut is not None:
+            fut.set_result(None)
 
     ids = iter(range(1 << 62))
 
@@ -130,18 +124,17 @@ async def _gateway(redis_url: str, port: int) -> None:
             rid = b"%d" % next(ids)
             fut = asyncio.get_running_loop().create_future()
             waiting[rid] = fut
-            await r.xadd(STREAM, {"id": rid})
+            await lane.execute("XADD", STREAM, "*", "id", rid)
             await fut
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
                          b"Content-Type: text/event-stream\r\n\r\n"
                          + _chunk(EVENT) + _chunk(DONE) + b"0\r\n\r\n")
 
-    listener = asyncio.create_task(listen())
-    await subscribed.wait()
+    subscription = await resp.connect(redis_url, on_message=route)
+    await subscription.execute("SUBSCRIBE", CHANNEL)
     server = await asyncio.start_server(serve, "127.0.0.1", port)
     async with server:
         await server.serve_forever()
-    listener.cancel()
 
 
 # -- the run ----------------------------------------------------------------------------------
