@@ -150,6 +150,18 @@ class RespConnection(asyncio.Protocol):
         self._transport.write(encode(args))
         return fut
 
+    def send_many(self, commands: Sequence[Sequence[bytes | str | int | float]]
+                  ) -> list[asyncio.Future[Reply]]:
+        """Writes the commands in one write, so a process killed meanwhile has sent all of them
+        or none: a checkpoint never reaches Redis without the PUBLISH that follows it."""
+        if self._closed.done() or self._transport is None:
+            raise ConnectionError("the Redis connection is closed")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in commands]
+        self._waiters.extend(futures)
+        self._transport.write(b"".join(encode(c) for c in commands))
+        return futures
+
     async def execute(self, *args: bytes | str | int | float) -> Reply:
         """The command's reply; a Redis error is raised."""
         reply = await self.send(*args)
@@ -273,12 +285,12 @@ class RespClient:
 
     async def pipeline(self, commands: Sequence[Sequence[bytes | str | int | float]]
                        ) -> list[Reply]:
-        """Sends every command at once and returns their replies; like redis-py's pipeline,
-        raises the first error reply once all are in (the commands after it still ran)."""
+        """Sends every command in one write and returns their replies; like redis-py's
+        pipeline, raises the first error reply once all are in (the commands after it ran)."""
         conn = self._conn
         if conn is None or conn.is_closed:
             conn = await self.connection()
-        futures = [conn.send(*c) for c in commands]
+        futures = conn.send_many(commands)
         replies = [await f for f in futures]
         for r in replies:
             if isinstance(r, RedisError):

@@ -59,6 +59,27 @@ def test_pipelined_commands_from_many_callers_get_their_own_replies(redis_url: s
     _run(main)
 
 
+def test_a_pipeline_is_one_write_and_raises_its_first_error_after_all_ran(
+        redis_url: str) -> None:
+    async def main() -> None:
+        client = resp.RespClient(redis_url)
+        conn = await client.connection()
+        writes: list[bytes] = []
+        transport = conn._transport
+        assert transport is not None
+        real_write = transport.write
+        conn._transport = type("Spy", (), {"write": lambda self, b: (writes.append(b),
+                                                                      real_write(b))})()
+        assert await client.pipeline([("SET", "a", 1), ("INCR", "a")]) == [b"OK", 2]
+        with pytest.raises(ResponseError):
+            await client.pipeline([("INCR", "a"), ("LPUSH", "a", "x"), ("INCR", "a")])
+        assert len(writes) == 2  # one per pipeline: a process killed mid-way sent all or none
+        conn._transport = transport
+        assert await client.execute("GET", "a") == b"4"  # the command after the error ran
+        await client.aclose()
+    _run(main)
+
+
 def test_scripts_load_themselves_on_a_server_that_lacks_them(redis_url: str) -> None:
     script = resp.Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 
