@@ -18,12 +18,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import (
     BadRequestError,
     InternalError,
+    ServiceUnavailableError,
     SluiceError,
     error_for_status,
     to_openai_body,
@@ -102,6 +105,12 @@ def as_sluice_error(exc: BaseException) -> SluiceError:
         return exc
     if isinstance(exc, RequestValidationError):
         return bad_request_from_validation(exc.errors())
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        # Redis restarting or out of reach: a server-side condition the client may retry, not
+        # a bug to log with a traceback.
+        log.warning("Redis is unreachable: %s", exc)
+        return ServiceUnavailableError("the request queue is unreachable; retry shortly",
+                                       retry_after_s=1)
     log.error("unhandled error", exc_info=exc)
     return InternalError(INTERNAL_MESSAGE)
 

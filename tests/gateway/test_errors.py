@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.app import create_app
 from gateway.errors import (
     bad_request_from_validation,
     install_error_handlers,
@@ -24,6 +28,7 @@ from gateway.protocol import (
     chat_completion_response,
     to_job,
 )
+from shared import names
 from shared.errors import (
     AuthenticationError,
     BadRequestError,
@@ -40,6 +45,8 @@ from shared.errors import (
     to_openai_body,
 )
 from shared.messages import CompletionRecord
+from shared.redis_server import RedisServer, free_port
+from shared.settings import GatewaySettings
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -259,3 +266,29 @@ def test_official_client_reads_answers_and_errors() -> None:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
                                        temperature=2.5)
     assert info.value.param == "temperature"
+
+
+def test_an_unreachable_redis_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    """Redis going away under a running gateway: a clear 503, never a 500; once it is back on
+    the same port, jobs are queued again over a new connection."""
+    server = RedisServer(port=free_port(), data_dir=tmp_path, appendonly=False)
+    server.start()
+    settings = GatewaySettings(redis_url=server.url, api_keys=["sk-t"], models=["tiny"])
+    job = {"endpoint": "/v1/completions",
+           "body": {"model": "tiny", "prompt": "hi", "max_tokens": 2}}
+    headers = {"Authorization": "Bearer sk-t"}
+    try:
+        with TestClient(create_app(settings)) as client:
+            server.stop()
+            r = client.post("/v1/jobs", json=job, headers=headers)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "service_unavailable_error"
+            server.start()
+            deadline = time.monotonic() + 10
+            while (r := client.post("/v1/jobs", json=job, headers=headers)).status_code != 202:
+                assert r.status_code == 503 and time.monotonic() < deadline, r.text
+                time.sleep(0.1)
+            assert redis.Redis.from_url(server.url).xlen(names.queue("tiny")) == 1
+    finally:
+        server.stop()
