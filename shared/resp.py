@@ -283,15 +283,29 @@ class RespClient:
             conn = await self.connection()
         return await conn.execute(*args)
 
-    async def pipeline(self, commands: Sequence[Sequence[bytes | str | int | float]]
-                       ) -> list[Reply]:
+    async def pipeline(self, commands: Sequence[Sequence[bytes | str | int | float]],
+                       retry_delays_s: Sequence[float] = ()) -> list[Reply]:
         """Sends every command in one write and returns their replies; like redis-py's
-        pipeline, raises the first error reply once all are in (the commands after it ran)."""
-        conn = self._conn
-        if conn is None or conn.is_closed:
-            conn = await self.connection()
-        futures = conn.send_many(commands)
-        replies = [await f for f in futures]
+        pipeline, raises the first error reply once all are in (the commands after it ran).
+
+        With `retry_delays_s`, a lost connection is waited out: after each delay the commands
+        go again on a new connection. Only for commands that may run twice (the connection
+        may have dropped after Redis ran them), as redis-py's own retries do.
+        """
+        for delay_s in (*retry_delays_s, None):
+            try:
+                conn = self._conn
+                if conn is None or conn.is_closed:
+                    conn = await self.connection()
+                futures = conn.send_many(commands)
+                replies = [await f for f in futures]
+                break
+            except (ConnectionError, OSError, asyncio.TimeoutError):
+                if delay_s is None:
+                    raise
+                log.warning("Redis connection lost; sending %d commands again in %.2f s",
+                            len(commands), delay_s)
+                await asyncio.sleep(delay_s)
         for r in replies:
             if isinstance(r, RedisError):
                 raise r

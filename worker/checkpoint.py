@@ -4,7 +4,10 @@ One Redis string per request (`names.checkpoint`), appended to in the pipeline t
 step's events and ahead of the PUBLISH: whatever a client received is in the checkpoint. With
 random sampling a resumed completion must continue from every token its client has, or the
 client's text would splice two generations. Each line is one completion's delta of one step,
-JSON `[index, token_ids]`, with `finish_reason` and `stop_reason` added on its last line. The
+JSON `[index, token_ids, seq]` (`seq`: the completion's tokens before it), or `[index, token_ids,
+finish_reason, stop_reason, seq]` on its last line. A step the front sent again after losing
+Redis may be appended twice; `seq` tells the copy, which `parse` skips. (Lines without `seq`, of
+earlier workers, are read as they are.) The
 deltas are kept as they were published so that replaying them rebuilds the detokenizer's state,
 held-back text included, exactly.
 
@@ -43,10 +46,11 @@ class CompletionProgress:
 
 
 def line(index: int, token_ids: list[int], finish_reason: str | None,
-         stop_reason: int | str | None) -> str:
+         stop_reason: int | str | None, seq: int) -> str:
     if finish_reason is None:  # the common line, every step: cheaper than json.dumps
-        return f"[{index},[{','.join(map(str, token_ids))}]]\n"
-    return json.dumps([index, token_ids, finish_reason, stop_reason], separators=(",", ":")) + "\n"
+        return f"[{index},[{','.join(map(str, token_ids))}],{seq}]\n"
+    return json.dumps([index, token_ids, finish_reason, stop_reason, seq],
+                      separators=(",", ":")) + "\n"
 
 
 def parse(raw: bytes | str, n: int) -> list[CompletionProgress]:
@@ -62,10 +66,14 @@ def parse(raw: bytes | str, n: int) -> list[CompletionProgress]:
     for row in text.splitlines():
         if not row:
             continue
-        index, token_ids, *end = json.loads(row)
+        index, token_ids, *rest = json.loads(row)
         if not 0 <= index < n:
             continue
         p = progress[index]
+        end, seq = (rest[:2], rest[2]) if len(rest) == 3 else \
+            (rest, None) if len(rest) == 2 else ([], rest[0] if rest else None)
+        if seq is not None and (seq < sum(map(len, p.chunks)) or p.finish_reason is not None):
+            continue  # a copy of a step already read
         p.chunks.append(token_ids)
         if end:
             p.finish_reason, p.stop_reason = end

@@ -80,6 +80,11 @@ end
 return n""")
 
 
+# Waits before sending a step's events again after losing Redis: about 4 s in all, the time an
+# embedded Redis takes to restart and load its append-only file.
+_PUBLISH_RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
+
+
 @dataclass
 class Active:
     job: Job
@@ -479,7 +484,7 @@ class WorkerService:
             if d.token_ids or d.finish_reason is not None:
                 ckpt_keys.append(names.checkpoint(self.model_name, d.request_id))
                 ckpt_lines.append(checkpoint.line(d.index, d.token_ids, d.finish_reason,
-                                                  d.stop_reason))
+                                                  d.stop_reason, seq))
             result = self.processor.get(d.request_id)
             done = result is not None and result.finished
             # An `Event` as plain JSON: built for every completion on every step, where model
@@ -512,7 +517,9 @@ class WorkerService:
             commands.append(("PUBLISH", channel,
                              json.dumps({"events": events}, separators=(",", ":"))))
         if commands:
-            await self._lane.pipeline(commands)
+            # A Redis restart is waited out, not turned into a gap in every stream: a resend
+            # may repeat events and checkpoint lines, both told apart by their seq.
+            await self._lane.pipeline(commands, retry_delays_s=_PUBLISH_RETRY_DELAYS_S)
         for d in deltas:
             self.metrics.tokens(d.request_id, len(d.token_ids), got)
         if finished:  # one round trip for every request this step ended

@@ -136,6 +136,21 @@ def test_a_lost_connection_fails_waiting_commands_and_the_client_reconnects(
     _run(main)
 
 
+def test_a_pipeline_with_retries_waits_out_a_lost_connection(redis_url: str) -> None:
+    async def main() -> None:
+        client = resp.RespClient(redis_url)
+        killer = redis.Redis.from_url(redis_url)
+        await client.connection()
+        killer.client_kill_filter(_type="normal", skipme=True)  # unseen by the client as yet
+        with pytest.raises(ConnectionError):
+            await client.pipeline([("INCR", "x")])
+        await client.connection()
+        killer.client_kill_filter(_type="normal", skipme=True)
+        assert await client.pipeline([("INCR", "x")], retry_delays_s=(0.05,)) == [1]
+        await client.aclose()
+    _run(main)
+
+
 def test_auth_and_database_come_from_the_url(tmp_path: Any) -> None:
     server = RedisServer(data_dir=tmp_path, appendonly=False)
     server.start()

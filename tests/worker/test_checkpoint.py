@@ -27,11 +27,28 @@ def tokenizer(tiny_model_dir: Path) -> Tokenizer:
 
 
 def test_lines_parse_back_per_completion() -> None:
-    raw = (checkpoint.line(0, [5, 6], None, None) + checkpoint.line(1, [7], None, None)
-           + checkpoint.line(0, [8], "stop", 2) + checkpoint.line(3, [9], None, None))
+    raw = (checkpoint.line(0, [5, 6], None, None, 0) + checkpoint.line(1, [7], None, None, 0)
+           + checkpoint.line(0, [8], "stop", 2, 2) + checkpoint.line(3, [9], None, None, 0))
     p0, p1 = checkpoint.parse(raw.encode(), n=2)  # index 3 belongs to no completion: ignored
     assert (p0.chunks, p0.finish_reason, p0.stop_reason) == ([[5, 6], [8]], "stop", 2)
     assert (p1.chunks, p1.finish_reason) == ([[7]], None)
+
+
+def test_a_step_appended_twice_is_read_once() -> None:
+    """The front sends a step again after losing Redis, which may have run the first send."""
+    step1 = checkpoint.line(0, [5, 6], None, None, 0) + checkpoint.line(1, [7], None, None, 0)
+    step2 = checkpoint.line(0, [8], None, None, 2) + checkpoint.line(1, [], "stop", None, 1)
+    step3 = checkpoint.line(0, [], "length", None, 3)
+    raw = step1 + step1 + step2 + step2 + step3 + step3
+    p0, p1 = checkpoint.parse(raw, n=2)
+    assert (p0.chunks, p0.finish_reason) == ([[5, 6], [8], []], "length")
+    assert (p1.chunks, p1.finish_reason) == ([[7], []], "stop")
+
+
+def test_lines_without_seq_of_earlier_workers_still_parse() -> None:
+    raw = "[0,[5,6]]\n[0,[5,6]]\n[0,[8],\"stop\",2]\n"  # no seq: nothing is taken as a copy
+    (p,) = checkpoint.parse(raw, n=1)
+    assert (p.chunks, p.finish_reason, p.stop_reason) == ([[5, 6], [5, 6], [8]], "stop", 2)
 
 
 def test_an_earlier_workers_checkpoint_is_read_as_completion_0() -> None:
@@ -137,9 +154,9 @@ def test_one_script_call_appends_a_step_for_every_request(redis_url: str) -> Non
     r = redis.Redis.from_url(redis_url)
     keys = [names.checkpoint("tiny", "a"), names.checkpoint("tiny", "b")]
     r.eval(checkpoint.APPEND_SCRIPT, 3, keys[0], keys[1], keys[0],
-           checkpoint.line(0, [1], None, None) + checkpoint.line(1, [2, 3], None, None)
-           + checkpoint.line(1, [4], "length", None), 60)
-    r.eval(checkpoint.APPEND_SCRIPT, 1, keys[1], checkpoint.line(1, [5], "stop", "\n"), 60)
+           checkpoint.line(0, [1], None, None, 0) + checkpoint.line(1, [2, 3], None, None, 0)
+           + checkpoint.line(1, [4], "length", None, 0), 60)
+    r.eval(checkpoint.APPEND_SCRIPT, 1, keys[1], checkpoint.line(1, [5], "stop", "\n", 2), 60)
     a0, a1 = checkpoint.parse(r.get(keys[0]) or b"", n=2)
     assert a0.chunks == [[1]] and (a1.chunks, a1.finish_reason) == ([[4]], "length")
     (b,) = checkpoint.parse(r.get(keys[1]) or b"", n=2)[1:]
