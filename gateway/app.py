@@ -58,6 +58,7 @@ from shared.errors import (
     PayloadTooLargeError,
     RateLimitError,
     RequestTimeoutError,
+    ServiceUnavailableError,
     SluiceError,
     error_from_type,
 )
@@ -76,6 +77,10 @@ class JobRequest(BaseModel):
     endpoint: str  # "/v1/chat/completions" or "/v1/completions"
     body: dict[str, Any]
 
+
+# How long a streaming or waiting request waits for the reply channel to be subscribed again
+# after Redis dropped it, before a 503.
+_RESUBSCRIBE_WAIT_S = 5.0
 
 # The gateway's view of the fleet (which models are served, and their states) is read this
 # often in the background; a request for a model not in it reads it again.
@@ -324,6 +329,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                          tools=uses_tool_calls(req)), headers=deprecation)
         queue = router.register(req_id)  # before the job exists: no reply may be missed
         try:
+            if not await router.wait_subscribed(_RESUBSCRIBE_WAIT_S):
+                raise ServiceUnavailableError("the gateway's reply channel is not subscribed "
+                                              "(Redis restarting?); retry shortly",
+                                              retry_after_s=1)
             await admit_and_enqueue(job, tenant_id, kind, idempotency_key)
         except Exception:
             router.unregister(req_id)

@@ -37,6 +37,17 @@ class ReplyRouter:
         self._task = asyncio.create_task(self._run())
         await asyncio.wait_for(self._subscribed.wait(), timeout=10)
 
+    async def wait_subscribed(self, timeout_s: float) -> bool:
+        """True once the channel is subscribed (at once, but after Redis dropped it): a job
+        queued while it is not would have its replies published to nobody."""
+        if self._subscribed.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            return False
+        return True
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -60,6 +71,7 @@ class ReplyRouter:
             self._subscribed.set()
             await conn.wait_closed()
         finally:
+            self._subscribed.clear()
             conn.close()
         raise RedisConnectionError(f"the subscription to {self.channel} was closed")
 

@@ -184,13 +184,15 @@ def test_jobs_and_streams_survive_redis_restarts(tmp_path: Path, tiny_model_dir:
         crash_and_restart()
 
         def streamed() -> str | None:
-            text = ""
+            text, give_up = "", time.monotonic() + 30  # keep-alives would outlast a timeout
             try:
                 with httpx.stream("POST", f"{base}/v1/completions", headers=headers,
                                   json={**body, "stream": True}, timeout=30) as r:
                     if r.status_code != 200:
                         return None
                     for line in r.iter_lines():
+                        if time.monotonic() > give_up:
+                            return None  # a lost stream: counted as a failed try
                         if line.startswith("data: {"):
                             text += json.loads(line[6:])["choices"][0]["text"]
             except httpx.HTTPError:
