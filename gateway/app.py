@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Header
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from redis.exceptions import RedisError
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -357,6 +358,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             return None
 
+    async def ended_unseen(job: Job, queue: asyncio.Queue[Event]) -> RequestRecord | None:
+        """After a silence, the request's record if it ended without its last replies reaching
+        this gateway: published while Redis dropped the subscription, they are gone, and the
+        client would otherwise wait out the whole timeout. (The record is written after the
+        last PUBLISH, so one that exists while nothing arrives means those replies were lost.)"""
+        try:
+            record = await read_record(job.model, job.id)
+        except RedisError:  # Redis away: keep waiting, as the worker does for it
+            return None
+        return record if record is not None and queue.empty() else None
+
     async def collect(req: Any, kind: str, job: Job, queue: asyncio.Queue[Event],
                       deadline: float) -> dict[str, Any]:
         progress = Progress(job.sampling.get("n", 1))
@@ -367,7 +379,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             while not progress.done:
                 ev = await next_event(queue, deadline, settings.keepalive_s)
                 if ev is None:
-                    continue
+                    record = await ended_unseen(job, queue)
+                    if record is None:
+                        continue
+                    finished = True
+                    if record.status != "completed":
+                        raise error_from_type(record.error_type,
+                                              record.error or f"request {record.status}")
+                    return _respond(kind, job.id, job.model, record.completions, record.usage,
+                                    int(job.created), tools=job.tools is not None)
                 if ev.error is not None:
                     raise _worker_error(ev)
                 if progress.accept(ev):
@@ -408,6 +428,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     finished = True
                     return
                 if ev is None:
+                    if await ended_unseen(job, queue) is not None:
+                        yield sse_error_event(ServiceUnavailableError(
+                            "the request ended, but this stream missed its last replies (Redis "
+                            "restarted meanwhile); what it sent so far stands"))
+                        finished = True
+                        return
                     yield ": keep-alive\n\n"  # the job may wait in Redis for a worker
                     continue
                 # Everything already here (one worker step's events, usually) goes out as one
