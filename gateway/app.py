@@ -320,14 +320,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         earlier = await remember_idempotent(tenant_id, kind, idempotency_key, req_id, req.model)
         if earlier is not None:  # same request again: the first one's result, never a rerun
             record = await wait_record(req.model, earlier, deadline)
-            if record.status != "completed":
-                raise error_from_type(record.error_type, record.error or f"request {record.status}")
             if req.stream:
+                _raise_unless_completed(record)
                 return StreamingResponse(_replay(record, kind, req), media_type="text/event-stream",
                                          headers={"X-Request-Id": earlier, **deprecation})
-            return JSONResponse(_respond(kind, earlier, record.model, record.completions,
-                                         record.usage, int(record.created),
-                                         tools=uses_tool_calls(req)), headers=deprecation)
+            return JSONResponse(_record_response(kind, record, tools=uses_tool_calls(req)),
+                                headers=deprecation)
         queue = router.register(req_id)  # before the job exists: no reply may be missed
         try:
             if not await router.wait_subscribed(_RESUBSCRIBE_WAIT_S):
@@ -383,11 +381,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     if record is None:
                         continue
                     finished = True
-                    if record.status != "completed":
-                        raise error_from_type(record.error_type,
-                                              record.error or f"request {record.status}")
-                    return _respond(kind, job.id, job.model, record.completions, record.usage,
-                                    int(job.created), tools=job.tools is not None)
+                    return _record_response(kind, record, tools=job.tools is not None)
                 if ev.error is not None:
                     raise _worker_error(ev)
                 if progress.accept(ev):
@@ -696,6 +690,18 @@ def _respond(kind: str, req_id: str, model: str, completions: list[CompletionRec
     response = build(request_id=req_id, model=model, completions=completions, usage=usage,
                      created=created)
     return tool_call_response(response) if tools and kind == "chat" else response
+
+
+def _raise_unless_completed(record: RequestRecord) -> None:
+    if record.status != "completed":
+        raise error_from_type(record.error_type, record.error or f"request {record.status}")
+
+
+def _record_response(kind: str, record: RequestRecord, *, tools: bool) -> dict[str, Any]:
+    """The reply of a request that ended, from its record; its error if it did not complete."""
+    _raise_unless_completed(record)
+    return _respond(kind, record.id, record.model, record.completions, record.usage,
+                    int(record.created), tools=tools)
 
 
 async def _replay(record: RequestRecord, kind: str, req: Any) -> AsyncIterator[str]:

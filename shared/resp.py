@@ -143,12 +143,7 @@ class RespConnection(asyncio.Protocol):
 
     def send(self, *args: bytes | str | int | float) -> asyncio.Future[Reply]:
         """Writes the command now; the future gets its reply (an error reply as a value)."""
-        if self._closed.done() or self._transport is None:
-            raise ConnectionError("the Redis connection is closed")
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self._transport.write(encode(args))
-        return fut
+        return self.send_many((args,))[0]
 
     def send_many(self, commands: Sequence[Sequence[bytes | str | int | float]]
                   ) -> list[asyncio.Future[Reply]]:
@@ -278,10 +273,7 @@ class RespClient:
             return self._conn
 
     async def execute(self, *args: bytes | str | int | float) -> Reply:
-        conn = self._conn
-        if conn is None or conn.is_closed:
-            conn = await self.connection()
-        return await conn.execute(*args)
+        return await (await self.connection()).execute(*args)
 
     async def pipeline(self, commands: Sequence[Sequence[bytes | str | int | float]],
                        retry_delays_s: Sequence[float] = ()) -> list[Reply]:
@@ -294,10 +286,7 @@ class RespClient:
         """
         for delay_s in (*retry_delays_s, None):
             try:
-                conn = self._conn
-                if conn is None or conn.is_closed:
-                    conn = await self.connection()
-                futures = conn.send_many(commands)
+                futures = (await self.connection()).send_many(commands)
                 replies = [await f for f in futures]
                 break
             except (ConnectionError, OSError, asyncio.TimeoutError):

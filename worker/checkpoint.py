@@ -63,6 +63,7 @@ def parse(raw: bytes | str, n: int) -> list[CompletionProgress]:
         saved = json.loads(text)
         progress[0].chunks.append(list(saved["token_ids"]))
         return progress
+    read = [0] * n  # tokens read so far, per completion
     for row in text.splitlines():
         if not row:
             continue
@@ -70,11 +71,12 @@ def parse(raw: bytes | str, n: int) -> list[CompletionProgress]:
         if not 0 <= index < n:
             continue
         p = progress[index]
-        end, seq = (rest[:2], rest[2]) if len(rest) == 3 else \
-            (rest, None) if len(rest) == 2 else ([], rest[0] if rest else None)
-        if seq is not None and (seq < sum(map(len, p.chunks)) or p.finish_reason is not None):
+        # A line with its seq has one item (or three, with the end) after the tokens.
+        seq, end = (rest[-1], rest[:-1]) if len(rest) % 2 else (None, rest)
+        if seq is not None and (seq < read[index] or p.finish_reason is not None):
             continue  # a copy of a step already read
         p.chunks.append(token_ids)
+        read[index] += len(token_ids)
         if end:
             p.finish_reason, p.stop_reason = end
     return progress
