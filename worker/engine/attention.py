@@ -31,6 +31,7 @@ class AttentionMetadata:
     num_kv_splits: int | None = None
     # Built by the first layer that needs it and reused by the others: the same for every layer.
     decode_plan: DecodePlan | None = None
+    prefill_plan: list[PrefillGroup] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -57,6 +58,76 @@ def plan_decode(meta: AttentionMetadata, device: torch.device) -> DecodePlan:
     seq_lens = meta.seq_lens[seq_idx]
     mask = (torch.arange(max_len, device=device)[None, :] < seq_lens[:, None])[:, None, None]
     return DecodePlan(rows, meta.block_table[seq_idx], max_len, mask, starts)
+
+
+@dataclass
+class PrefillGroup:
+    """Sequences of more than one query token whose attention runs as one padded call.
+
+    Query rows are padded to the group's longest (`q_len`) and keys to its longest context; the
+    mask lets padded slot r of sequence i see positions <= context_i + r, so padding rows see at
+    least position 0 (no row is all -inf) and are dropped afterwards.
+    """
+
+    seqs: list[int]
+    q_len: int
+    max_len: int
+    block_table: torch.Tensor  # [P, max_blocks]
+    gather: torch.Tensor  # [P * q_len] query row of each padded slot (padding reads row 0)
+    slots: torch.Tensor  # [n] padded slots that are real query rows
+    rows: torch.Tensor  # [n] the query rows they are
+    mask: torch.Tensor  # [P, 1, q_len, max_len] bool
+
+
+# Padding a group may at most double its query rows and keys: a long prompt's chunk next to
+# short ones runs on its own rather than padding every short one to its length.
+_MAX_PADDING = 2.0
+
+
+def plan_prefill(meta: AttentionMetadata, starts: list[int], device: torch.device
+                 ) -> list[PrefillGroup]:
+    """Groups the multi-token sequences of a step, shortest first, into padded calls."""
+    seqs = sorted((i for i, n in enumerate(meta.query_lens_cpu) if n > 1),
+                  key=lambda i: (meta.query_lens_cpu[i], meta.seq_lens_cpu[i]))
+    groups: list[list[int]] = []
+    for i in seqs:
+        group = groups[-1] if groups else None
+        if group is not None:
+            members = [*group, i]
+            q = sum(meta.query_lens_cpu[j] for j in members)
+            s = sum(meta.seq_lens_cpu[j] for j in members)
+            if (len(members) * meta.query_lens_cpu[i] <= _MAX_PADDING * q
+                    and len(members) * max(meta.seq_lens_cpu[j] for j in members)
+                    <= _MAX_PADDING * s):
+                group.append(i)
+                continue
+        groups.append([i])
+    return [_prefill_group(meta, g, starts, device) for g in groups]
+
+
+def _prefill_group(meta: AttentionMetadata, seqs: list[int], starts: list[int],
+                   device: torch.device) -> PrefillGroup:
+    q_lens = [meta.query_lens_cpu[i] for i in seqs]
+    seq_lens = [meta.seq_lens_cpu[i] for i in seqs]
+    q_len, max_len = max(q_lens), max(seq_lens)
+    gather: list[int] = []
+    slots: list[int] = []
+    rows: list[int] = []
+    for p, (i, n) in enumerate(zip(seqs, q_lens, strict=True)):
+        real = range(starts[i], starts[i] + n)
+        gather += [*real, *([0] * (q_len - n))]
+        slots += range(p * q_len, p * q_len + n)
+        rows += real
+    context = torch.tensor([s - n for s, n in zip(seq_lens, q_lens, strict=True)], device=device)
+    last = context[:, None] + torch.arange(q_len, device=device)[None, :]  # [P, q_len]
+    mask = torch.arange(max_len, device=device)[None, None, :] <= last[:, :, None]
+    idx = torch.tensor(seqs, dtype=torch.long, device=device)
+
+    def longs(xs: list[int]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.long, device=device)
+
+    return PrefillGroup(seqs, q_len, max_len, meta.block_table.index_select(0, idx),
+                        longs(gather), longs(slots), longs(rows), mask[:, None])
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -89,8 +160,10 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
 class TorchAttentionBackend:
     """Reference paged attention in plain torch; runs on CPU and GPU.
 
-    Decode rows (one query token) of all sequences go through one batched call; each prefill or
-    prefill chunk runs on its own, so a long prompt never pads the whole batch.
+    Decode rows (one query token) of all sequences go through one batched call; prefills and
+    prefill chunks go through padded calls of sequences of similar length (`plan_prefill`), so
+    a step that admits several short prompts costs one call per layer, not one per prompt, and a
+    long prompt never pads the whole batch.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
@@ -109,9 +182,16 @@ class TorchAttentionBackend:
         plan = meta.decode_plan
         if plan.max_len:
             self._decode(q, out, kv_cache, plan)
-        for i, q_len in enumerate(meta.query_lens_cpu):
-            if q_len > 1:
-                self._prefill(q, out, kv_cache, meta, i, plan.query_starts[i], q_len)
+        if meta.max_query_len > 1:
+            if meta.prefill_plan is None:
+                meta.prefill_plan = plan_prefill(meta, plan.query_starts, q.device)
+            for group in meta.prefill_plan:
+                if len(group.seqs) == 1:
+                    i = group.seqs[0]
+                    self._prefill(q, out, kv_cache, meta, i, plan.query_starts[i],
+                                  meta.query_lens_cpu[i])
+                else:
+                    self._prefill_group(q, out, kv_cache, group)
         return out
 
     def _decode(self, q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
@@ -122,6 +202,18 @@ class TorchAttentionBackend:
             k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
             attn_mask=plan.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
         out[plan.rows] = o.squeeze(2)
+
+    def _prefill_group(self, q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
+                       group: PrefillGroup) -> None:
+        n, h, d = len(group.seqs), q.shape[1], q.shape[2]
+        k, v = gather_kv(kv_cache, group.block_table, group.max_len)
+        qs = q.index_select(0, group.gather).view(n, group.q_len, h, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            qs, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+            attn_mask=group.mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads)  # [P, H, q_len, D]
+        o = o.transpose(1, 2).reshape(n * group.q_len, h, d)
+        out.index_copy_(0, group.rows, o.index_select(0, group.slots))
 
     def _prefill(self, q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata, seq: int, start: int, q_len: int) -> None:
