@@ -18,7 +18,10 @@ vocabulary, and the throughput of a half-constrained batch against a free one, i
    schemas' grammars, against an all-free batch (every row --max-len tokens) and against a
    "stand-in" batch whose rows in place of the constrained ones are free with the lengths the
    constrained outputs had (the same work but the masking); each finished request is replaced
-   by one of its kind. Each side has an engine of its own (three copies of the model), and they
+   by one of its kind; the first free rows get staggered lengths, so free rows end one at a
+   time as in a served batch, not all in the same step (a batch in lockstep prefills its
+   replacements together and decodes rows of equal length, which no served batch does). Each
+   side has an engine of its own (three copies of the model), and they
    take turns of --block-steps steps, --blocks times each, the order rotating: a machine whose
    speed drifts slows all three alike. Output tokens per second of wall time and of the
    process's CPU time over each side's turns; the spread is that of the ratios of the turns.
@@ -237,7 +240,8 @@ class _Fixed:
 class _Side:
     """One engine kept at `batch` requests, every finished request replaced by one of its kind.
 
-    Half the rows are free (max_tokens, EOS ignored); the other half are `half`: "grammar"
+    Half the rows are free (max_tokens, EOS ignored; the first ones 1/n, 2/n, ... of it, so
+    they end in turn); the other half are `half`: "grammar"
     (under the grammars in turn; their output lengths are appended to `lengths`), "free" (like
     the first half), or "stand-in" (free, each taking the next length the grammar rows had, so
     the batch does the same work minus the masking).
@@ -245,7 +249,7 @@ class _Side:
 
     def __init__(self, engine: Engine, compiler: GrammarCompiler, prompt: list[int],
                  grammars: list[str], batch: int, max_tokens: int, half: str,
-                 lengths: list[int]) -> None:
+                 lengths: list[int], lockstep: bool = False) -> None:
         self.engine, self.compiler, self.prompt, self.half = engine, compiler, prompt, half
         self.max_tokens, self.lengths = max_tokens, lengths
         self._ids = itertools.count()
@@ -255,14 +259,20 @@ class _Side:
         self._stand_ins = 0
         self.tokens, self.wall, self.cpu = 0, 0.0, 0.0  # the timed blocks' totals
         self.block_rates: list[float] = []  # tokens per wall second, per timed block
-        for i in range(batch):
-            self._add(half if i < batch // 2 else "free")
+        kinds = [half] * (batch // 2) + ["free"] * (batch - batch // 2)
+        num_free, j = kinds.count("free"), 0
+        for kind in kinds:
+            if kind == "free" and not lockstep:  # the first ones end in turn, as served rows do
+                j += 1
+                self._add(kind, first_len=max_tokens * j // num_free)
+            else:
+                self._add(kind)
 
-    def _add(self, kind: str) -> None:
+    def _add(self, kind: str, first_len: int | None = None) -> None:
         rid = f"q{next(self._ids)}"
         self._kinds[rid] = kind
         mask = self.compiler.compile(next(self._grammars)) if kind == "grammar" else None
-        limit = self.max_tokens
+        limit = self.max_tokens if first_len is None else first_len
         if kind == "stand-in" and self.lengths:
             limit = self.lengths[self._stand_ins % len(self.lengths)]
             self._stand_ins += 1
@@ -296,17 +306,19 @@ class _Side:
 
 def mixed_batch(engines: list[Engine], compiler: GrammarCompiler, prompt: list[int],
                 grammars: list[str], batch: int, block_steps: int, blocks: int,
-                max_tokens: int) -> dict[str, Any]:
+                max_tokens: int, lockstep: bool = False) -> dict[str, Any]:
     """The three sides, each on an engine of its own, take turns `block_steps` steps at a time
     (the order rotating), so drift of the machine's speed falls on all three alike; throughput
     is each side's tokens over its timed blocks' time."""
     for g in grammars:  # compiled once up front, as the service's cache would hold them
         compiler.compile(g)
     lengths: list[int] = []
-    sides = [_Side(engines[0], compiler, prompt, grammars, batch, max_tokens, "grammar", lengths)]
+    sides = [_Side(engines[0], compiler, prompt, grammars, batch, max_tokens, "grammar", lengths,
+                   lockstep)]
     sides[0].run(40, timed=False)  # the first grammar rows' lengths, before any stand-in row
     for engine, half in zip(engines[1:], ("free", "stand-in"), strict=True):
-        sides.append(_Side(engine, compiler, prompt, grammars, batch, max_tokens, half, lengths))
+        sides.append(_Side(engine, compiler, prompt, grammars, batch, max_tokens, half, lengths,
+                           lockstep))
         sides[-1].run(10, timed=False)
     for b in tqdm(range(blocks), desc="mixed batch", unit="block"):
         for side in sides[b % 3:] + sides[:b % 3]:
@@ -316,7 +328,7 @@ def mixed_batch(engines: list[Engine], compiler: GrammarCompiler, prompt: list[i
     by = {side.half: side for side in sides}
     out: dict[str, Any] = {
         "batch": batch, "constrained": batch // 2, "block_steps": block_steps, "blocks": blocks,
-        "max_tokens": max_tokens, "mean_constrained_len": statistics.mean(lengths or [0]),
+        "max_tokens": max_tokens, "lockstep": lockstep, "mean_constrained_len": statistics.mean(lengths or [0]),
         "wall": {k: v.tokens / v.wall for k, v in by.items()},
         "cpu": {k: v.tokens / v.cpu for k, v in by.items()}}
     for base in ("free", "stand-in"):
@@ -351,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="engine steps a mixed-batch side runs before the next takes its turn")
     p.add_argument("--blocks", type=int, default=150, help="timed turns per mixed-batch side")
     p.add_argument("--max-len", type=int, default=64, help="output tokens of a free mixed row")
+    p.add_argument("--lockstep", action="store_true",
+                   help="start every free row of the mixed batch at once, as measurements "
+                        "before 2026-12-07 did: they then end and are replaced together")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 keeps timings steady on a shared machine)")
     p.add_argument("--output-json", default="results/structured_validity.json")
@@ -394,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                        for _ in range(2)]
     report["mixed"] = m = mixed_batch(engines, compiler, llm.tokenizer.encode(PROMPT), grammars,
                                       args.batch, args.block_steps, args.blocks,
-                                      max_tokens=args.max_len)
+                                      max_tokens=args.max_len, lockstep=args.lockstep)
     print(f"mixed batch of {m['batch']} ({m['constrained']} under a grammar, mean output "
           f"{m['mean_constrained_len']:.0f} tokens; free rows {m['max_tokens']}), "
           f"{m['blocks']} turns of {m['block_steps']} steps per side:")
