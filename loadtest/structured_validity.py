@@ -40,6 +40,7 @@ import statistics
 import string
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +117,16 @@ def validity(llm: LLM, compiler: GrammarCompiler, schemas: list[dict[str, Any]],
 # -- 2. masking cost ---------------------------------------------------------------------------
 
 
-def synthetic_tokenizer(vocab_size: int, base: list[bytes], eos: int = 0) -> LLTokenizer:
-    """A byte-level vocabulary of exactly vocab_size tokens; see the module docstring."""
-    tokens: list[bytes] = [b"<eos>"] + [bytes([i]) for i in range(256)]
+def synthetic_tokenizer(vocab_size: int, base: list[bytes], eos: Iterable[int] = (0,)
+                        ) -> LLTokenizer:
+    """A byte-level vocabulary of exactly vocab_size tokens; see the module docstring. The
+    first of `eos` is the grammars' EOS; the others are special tokens no grammar allows."""
+    eos_ids = sorted(set(eos))
+    tokens: list[bytes] = [bytes([i]) for i in range(256)]
     seen = set(tokens)
 
     def add(t: bytes) -> None:
-        if t and t not in seen and len(tokens) < vocab_size:
+        if t and t not in seen and len(tokens) < vocab_size - 1:
             seen.add(t)
             tokens.append(t)
 
@@ -143,6 +147,11 @@ def synthetic_tokenizer(vocab_size: int, base: list[bytes], eos: int = 0) -> LLT
                 break
         if len(tokens) >= vocab_size:
             break
+    del tokens[vocab_size - len(eos_ids):]
+    while len(tokens) < vocab_size - len(eos_ids):  # a small base: pad, unreachable
+        tokens.append(b"<unused%d>" % len(tokens))
+    for k, i in enumerate(eos_ids):  # at the model's own EOS ids (ascending, so each lands)
+        tokens.insert(i, b"<eos%d>" % k)
     by_bytes = {t: i for i, t in enumerate(tokens)}
     longest = max(len(t) for t in tokens)
 
@@ -150,9 +159,9 @@ def synthetic_tokenizer(vocab_size: int, base: list[bytes], eos: int = 0) -> LLT
         """Longest match: llguidance only tokenizes the grammar's own literals with it."""
 
         def __init__(self) -> None:
-            self.eos_token_id = eos
+            self.eos_token_id = eos_ids[0]
             self.bos_token_id = None
-            self.special_token_ids = [eos]
+            self.special_token_ids = eos_ids
             self.tokens = tokens
 
         def __call__(self, text: bytes) -> list[int]:
@@ -160,7 +169,7 @@ def synthetic_tokenizer(vocab_size: int, base: list[bytes], eos: int = 0) -> LLT
             while i < len(text):
                 for n in range(min(longest, len(text) - i), 0, -1):
                     tid = by_bytes.get(text[i:i + n])
-                    if tid is not None and tid != eos:
+                    if tid is not None and tid not in eos_ids:
                         ids.append(tid)
                         i += n
                         break
@@ -169,8 +178,8 @@ def synthetic_tokenizer(vocab_size: int, base: list[bytes], eos: int = 0) -> LLT
     return LLTokenizer(TokenizerWrapper(Greedy()))
 
 
-def mask_cost(tokenizer: LLTokenizer, schemas: dict[str, Any], batch: int, steps: int
-              ) -> dict[str, float]:
+def mask_cost(tokenizer: LLTokenizer, schemas: dict[str, Any], batch: int, steps: int,
+              device: torch.device) -> dict[str, float]:
     vocab = tokenizer.vocab_size
     compiler = GrammarCompiler(tokenizer, vocab)
     templates = [compiler.submit(build_grammar("json", schemas[name], disable_any_whitespace=True)
@@ -188,12 +197,16 @@ def mask_cost(tokenizer: LLTokenizer, schemas: dict[str, Any], batch: int, steps
     masked_s: list[float] = []
     free_s: list[float] = []
     gen = torch.Generator().manual_seed(0)
-    clock = time.thread_time  # this thread's CPU time: other processes' load does not count
+    # On the CPU, this thread's CPU time: other processes' load does not count. On a GPU, wall
+    # time: the sampler's result waits for the device.
+    clock = time.thread_time if device.type == "cpu" else time.perf_counter
     for _ in range(steps):
-        logits = torch.randn((batch, vocab), generator=gen)
-        t0 = clock()
+        logits = torch.randn((batch, vocab), generator=gen).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.thread_time()
         packed = [m.allowed_tokens(vocab) for m in rows]
-        t1 = clock()
+        fill_s.append(time.thread_time() - t0)  # llguidance, on the host either way
         ahead = [r.logits_mask for r in masked]
         for r, p in zip(masked, packed, strict=True):  # the sampler reuses this step's masks
             r.logits_mask = _Fixed(p)
@@ -204,7 +217,6 @@ def mask_cost(tokenizer: LLTokenizer, schemas: dict[str, Any], batch: int, steps
         t4 = clock()
         for r, m in zip(masked, ahead, strict=True):
             r.logits_mask = m
-        fill_s.append(t1 - t0)
         masked_s.append(t3 - t2)
         free_s.append(t4 - t3)
         for i, (m, token) in enumerate(zip(rows, out.token_ids, strict=True)):
@@ -350,7 +362,18 @@ def mixed_batch(engines: list[Engine], compiler: GrammarCompiler, prompt: list[i
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="model for validity and the mixed batch")
+    p.add_argument("--model", default="tiny",
+                   help="model for validity and the mixed batch: tiny, a shipped config "
+                        "(llama-3.1-8b, ...) or a checkpoint directory")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the engines and the "
+                   "masking-cost sampler run")
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights from the config (no checkpoint needed); a model "
+                        "without a tokenizer skips the validity part and builds its grammars "
+                        "on a synthetic vocabulary of its size")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache per engine (three engines share one device)")
     p.add_argument("--samples", type=int, default=4, help="outputs per supported schema")
     p.add_argument("--max-tokens", type=int, default=256, help="per validity output")
     p.add_argument("--flexible-whitespace", action="store_true",
@@ -374,29 +397,46 @@ def main(argv: list[str] | None = None) -> int:
 
     schemas = load_schemas()
     compact = not args.flexible_whitespace
-    llm = LLM(args.model, device="cpu", max_num_seqs=max(args.batch, 64))
-    assert llm.tokenizer is not None
+    device = torch.device(args.device)
+
+    def load() -> LLM:
+        return LLM(args.model, device=args.device, load_format=args.load_format,
+                   dtype=args.dtype, max_num_seqs=max(args.batch, 64),
+                   kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+
+    llm = load()
     eng = llm.engine
-    compiler = GrammarCompiler(build_tokenizer(llm.tokenizer.hf, eng.vocab_size,
-                                               eng.eos_token_ids), eng.vocab_size)
-    report: dict[str, Any] = {"model": args.model, "platform": platform.platform(),
+    base = [t.encode() for t in llm.tokenizer.hf.get_vocab()] if llm.tokenizer else []
+    # Built in the background and waited for on a GPU, as the service does.
+    prefetch = device.type == "cuda"
+    if llm.tokenizer is not None:
+        compiler = GrammarCompiler(build_tokenizer(llm.tokenizer.hf, eng.vocab_size,
+                                                   eng.eos_token_ids), eng.vocab_size,
+                                   prefetch=prefetch)
+        prompt = llm.tokenizer.encode(PROMPT)
+    else:
+        compiler = GrammarCompiler(synthetic_tokenizer(eng.vocab_size, base, eng.eos_token_ids),
+                                   eng.vocab_size, prefetch=prefetch)
+        prompt = [(7919 * i) % eng.vocab_size for i in range(1, 13)]  # 12 tokens, as PROMPT
+    report: dict[str, Any] = {"model": args.model, "device": str(device),
+                              "device_name": (torch.cuda.get_device_name(device)
+                                              if device.type == "cuda" else platform.processor()),
+                              "platform": platform.platform(),
                               "torch_threads": torch.get_num_threads(),
                               "compact_whitespace": compact, "argv": sys.argv[1:]}
 
-    report["validity"] = v = validity(llm, compiler, schemas, args.samples, args.max_tokens,
-                                      compact)
-    print(f"validity: {v['num_schemas']} schemas, {v['num_unsupported']} unsupported "
-          f"({v['unsupported_share']:.0%}); {v['num_outputs']} outputs, {v['num_stopped']} "
-          f"ended with stop ({v['stopped_share']:.0%}), {v['num_valid']} of those valid "
-          f"({v['valid_share_of_stopped']:.1%})")
-    for name, reason in v["unsupported"].items():
-        print(f"  unsupported {name}: {reason[:110]}")
+    if llm.tokenizer is None:
+        print("validity: skipped (the model has no tokenizer to read its outputs with)")
+    else:
+        report["validity"] = v = validity(llm, compiler, schemas, args.samples,
+                                          args.max_tokens, compact)
+        print_validity(v)
 
     by_name = {e["name"]: e["schema"] for e in schemas}
-    synth = synthetic_tokenizer(args.vocab, [t.encode() for t in llm.tokenizer.hf.get_vocab()])
+    synth = synthetic_tokenizer(args.vocab, base)
     report["mask_cost"] = []
     for batch in (1, 64):
-        cost = mask_cost(synth, by_name, batch, args.mask_steps)
+        cost = mask_cost(synth, by_name, batch, args.mask_steps, device)
         report["mask_cost"].append(cost)
         print(f"masking at vocab {cost['vocab']}, batch {batch}: fill {cost['fill_ms_per_step']:.2f} "
               f"ms/step ({cost['fill_ms_per_row']:.3f} ms/row), apply "
@@ -405,11 +445,28 @@ def main(argv: list[str] | None = None) -> int:
     grammars = [g for e in schemas
                 if (g := grammar_or_reason(e["schema"], compact)[0]) is not None]
     # The other two sides get engines of their own (the same model and settings).
-    engines = [eng] + [LLM(args.model, device="cpu", max_num_seqs=max(args.batch, 64)).engine
-                       for _ in range(2)]
-    report["mixed"] = m = mixed_batch(engines, compiler, llm.tokenizer.encode(PROMPT), grammars,
+    engines = [eng] + [load().engine for _ in range(2)]
+    report["mixed"] = m = mixed_batch(engines, compiler, prompt, grammars,
                                       args.batch, args.block_steps, args.blocks,
                                       max_tokens=args.max_len, lockstep=args.lockstep)
+    print_mixed(m)
+    out = Path(args.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def print_validity(v: dict[str, Any]) -> None:
+    print(f"validity: {v['num_schemas']} schemas, {v['num_unsupported']} unsupported "
+          f"({v['unsupported_share']:.0%}); {v['num_outputs']} outputs, {v['num_stopped']} "
+          f"ended with stop ({v['stopped_share']:.0%}), {v['num_valid']} of those valid "
+          f"({v['valid_share_of_stopped']:.1%})")
+    for name, reason in v["unsupported"].items():
+        print(f"  unsupported {name}: {reason[:110]}")
+
+
+def print_mixed(m: dict[str, Any]) -> None:
     print(f"mixed batch of {m['batch']} ({m['constrained']} under a grammar, mean output "
           f"{m['mean_constrained_len']:.0f} tokens; free rows {m['max_tokens']}), "
           f"{m['blocks']} turns of {m['block_steps']} steps per side:")
@@ -420,11 +477,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"tok/s, ratio {m[f'{clock}_ratio_vs_{base}']:.3f}"
                   + (f" (turns' quartiles {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f})"
                      if clock == "wall" else ""))
-    out = Path(args.output_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
