@@ -300,8 +300,10 @@ class Engine:
 
         With async scheduling the next step is scheduled and queued on the device before the
         previous one's tokens are read back, so the host's work overlaps the device's instead of
-        leaving it idle; a request whose next token needs its last one on the host (penalties, a
-        logits mask) makes that step wait as before.
+        leaving it idle. A row whose sampling needs its last token on the host (a logits mask,
+        penalties) still has its forward pass queued first: only the sampling waits, behind the
+        previous step's tokens, so the host advances the grammars and builds the masks while
+        the device runs the forward pass.
         """
         if not self.async_scheduling:
             sched = self.scheduler.schedule()
@@ -312,21 +314,30 @@ class Engine:
             return self._resolve(sched, pending)
         outputs: list[EngineOutput] = []
         prev, self._in_flight = self._in_flight, None
-        if prev is not None and self._needs_host_tokens():
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return self._resolve(*prev) if prev is not None else []
+        defer = prev is not None and self._needs_host_tokens(sched)
+        pending = self.runner.launch(sched, prev[1] if prev is not None else None,
+                                     sample=not defer)
+        if defer:
+            assert prev is not None
+            # Before `advance`, as in a step that samples at once: the sampler sees the
+            # outputs up to the previous step's token and no placeholder of this one.
             outputs += self._resolve(*prev)
             prev = None
-        sched = self.scheduler.schedule()
-        if not sched.is_empty:
-            pending = self.runner.launch(sched, prev[1] if prev is not None else None)
-            self.scheduler.advance(sched)
-            self._in_flight = (sched, pending)
+            self.runner.sample(pending)
+        self.scheduler.advance(sched)
+        self._in_flight = (sched, pending)
         if prev is not None:
             outputs += self._resolve(*prev)
         return outputs
 
-    def _needs_host_tokens(self) -> bool:
-        return any(r.logits_mask is not None or has_penalty(r.sampling_params)
-                   for r in self.scheduler.running)
+    @staticmethod
+    def _needs_host_tokens(sched: SchedulerOutput) -> bool:
+        return any(s.samples and (s.request.logits_mask is not None
+                                  or has_penalty(s.request.sampling_params))
+                   for s in sched.scheduled)
 
     def _resolve(self, sched: SchedulerOutput, pending: PendingStep) -> list[EngineOutput]:
         """Reads a launched step's tokens back and applies them to its requests."""

@@ -38,6 +38,7 @@ class PendingStep:
     def __init__(self, requests: list[Request], sample: PendingSample | None) -> None:
         self.requests = requests  # the requests that sample, in row order
         self.sample = sample
+        self.logits: torch.Tensor | None = None  # [num_sampled, vocab] until sampled
         self.row_of = {req.request_id: i for i, req in enumerate(requests)}
         self._result: RunnerOutput | None = None
 
@@ -193,9 +194,11 @@ class ModelRunner:
         return self.launch(out).result()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, prev: PendingStep | None = None) -> PendingStep:
+    def launch(self, out: SchedulerOutput, prev: PendingStep | None = None, *,
+               sample: bool = True) -> PendingStep:
         """Queues one step on the device. Inputs that are placeholders for `prev`'s tokens are
-        read from `prev`'s sampled tensor on the device."""
+        read from `prev`'s sampled tensor on the device. With `sample` off only the forward
+        pass is queued; `sample(step)` queues the sampling later."""
         inputs = self._build_inputs(out, prev)
         hidden = self._forward_graph(inputs, prev) if self._graph_fits(inputs) else \
             self._forward_eager(inputs, prev)
@@ -206,7 +209,19 @@ class ModelRunner:
         # The rows come with the step's upload: a blocking copy here would wait for the device
         # to finish the step before, and nothing would overlap.
         logits = self.model.compute_logits(hidden[inputs.sample_rows_dev])  # [num_sampled, vocab]
+        if not sample:
+            step = PendingStep(requests, None)
+            step.logits = logits
+            return step
         return PendingStep(requests, self.sampler.sample_async(logits, requests))
+
+    @torch.inference_mode()
+    def sample(self, step: PendingStep) -> None:
+        """Queues the sampling of a step launched with `sample` off (no-op for one without
+        rows to sample)."""
+        if step.logits is not None:
+            step.sample = self.sampler.sample_async(step.logits, step.requests)
+            step.logits = None
 
     @staticmethod
     def _fill_placeholders(ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor,
