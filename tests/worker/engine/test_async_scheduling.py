@@ -24,9 +24,9 @@ from worker.tokenizer import Tokenizer
 PROMPTS = [[(7 * i + 3 * j) % 200 + 5 for j in range(4 + 9 * i)] for i in range(8)]
 
 
-def build(model_dir: Path, async_scheduling: bool, **config: Any) -> Engine:
+def build(model_dir: Path, async_scheduling: bool, device: str = "cpu", **config: Any) -> Engine:
     cfg = EngineConfig(async_scheduling=async_scheduling, max_model_len=512, **config)
-    return Engine(model_dir, cfg, device="cpu")
+    return Engine(model_dir, cfg, device=device)
 
 
 def run(engine: Engine, requests: list[tuple[str, list[int], SamplingParams]],
@@ -138,7 +138,8 @@ def test_penalties_and_aborts(tiny_model_dir: Path) -> None:
         asyn[("gone", 0)]["tokens"]
 
 
-def test_grammar_rows_sample_after_the_previous_tokens(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_grammar_rows_sample_after_the_previous_tokens(tiny_model_dir: Path, device: str) -> None:
     """Masked rows have their forward pass queued before the previous step's tokens are read;
     only their sampling waits for the grammar to take those tokens. Rows that end on the
     grammar's EOS while the next step is already queued, preemption and free rows alongside
@@ -160,8 +161,8 @@ def test_grammar_rows_sample_after_the_previous_tokens(tiny_model_dir: Path) -> 
             masks[f"r{i}"] = lambda g=grammar: compiler.compile(g)
         reqs.append((f"r{i}", prompt, params))
     small = {"num_kv_blocks": 12, "block_size": 16, "max_num_batched_tokens": 32}
-    sync = run(build(tiny_model_dir, False, **small), reqs, masks=masks)
-    async_engine = build(tiny_model_dir, True, **small)
+    sync = run(build(tiny_model_dir, False, device, **small), reqs, masks=masks)
+    async_engine = build(tiny_model_dir, True, device, **small)
     asyn = run(async_engine, reqs, masks=masks)
     assert asyn == sync
     assert async_engine.scheduler.num_preemptions > 0
