@@ -82,6 +82,9 @@ class PrefillGroup:
 # Padding a group may at most double its query rows and keys: a long prompt's chunk next to
 # short ones runs on its own rather than padding every short one to its length.
 _MAX_PADDING = 2.0
+# A group's attention scores per head (sequences x query rows x keys), so grouping long chunks
+# on long contexts never holds many times the memory one of them would alone.
+_MAX_GROUP_SCORES = 1 << 20
 
 
 def plan_prefill(meta: AttentionMetadata, starts: list[int], device: torch.device
@@ -96,9 +99,10 @@ def plan_prefill(meta: AttentionMetadata, starts: list[int], device: torch.devic
             members = [*group, i]
             q = sum(meta.query_lens_cpu[j] for j in members)
             s = sum(meta.seq_lens_cpu[j] for j in members)
+            longest = max(meta.seq_lens_cpu[j] for j in members)
             if (len(members) * meta.query_lens_cpu[i] <= _MAX_PADDING * q
-                    and len(members) * max(meta.seq_lens_cpu[j] for j in members)
-                    <= _MAX_PADDING * s):
+                    and len(members) * longest <= _MAX_PADDING * s
+                    and len(members) * meta.query_lens_cpu[i] * longest <= _MAX_GROUP_SCORES):
                 group.append(i)
                 continue
         groups.append([i])

@@ -56,3 +56,11 @@ def test_groups_short_prompts_and_leaves_a_long_one_alone() -> None:
     for g in groups:  # padding at most doubles a group's query rows and keys
         assert len(g.seqs) * g.q_len <= 2 * sum(seqs[i][0] for i in g.seqs)
         assert len(g.seqs) * g.max_len <= 2 * sum(sum(seqs[i]) for i in g.seqs)
+
+
+def test_long_chunks_on_long_contexts_run_alone() -> None:
+    seqs = [(300, 3000), (300, 3100), (4, 0), (5, 0)]
+    batch = make_batch(seqs, 4, 2, head_dim=32, block_size=16, dtype=torch.float32)
+    groups = plan_prefill(metadata(batch, seqs), batch["query_start_loc"].tolist(),
+                          torch.device("cpu"))
+    assert sorted(sorted(g.seqs) for g in groups) == [[0], [1], [2, 3]]
