@@ -13,7 +13,8 @@ vocabulary, and the throughput of a half-constrained batch against a free one, i
    random logits. Per step, in CPU time of the stepping thread: filling the packed bitmasks, and
    the sampler's extra time with the masks applied (the packed rows expanded into one additive
    bias, the logits copied and the bias added in place; against the same greedy sampler without
-   masks, which needs no copy), at batch 1 and 64.
+   masks, which needs no copy), at batch 1 and 64. With --device cuda the sampler's part is wall
+   time, since its result waits for the device.
 3. Mixed batch: an engine kept full at --batch requests, half of them under the supported
    schemas' grammars, against an all-free batch (every row --max-len tokens) and against a
    "stand-in" batch whose rows in place of the constrained ones are free with the lengths the
@@ -272,13 +273,10 @@ class _Side:
         self.tokens, self.wall, self.cpu = 0, 0.0, 0.0  # the timed blocks' totals
         self.block_rates: list[float] = []  # tokens per wall second, per timed block
         kinds = [half] * (batch // 2) + ["free"] * (batch - batch // 2)
-        num_free, j = kinds.count("free"), 0
-        for kind in kinds:
-            if kind == "free" and not lockstep:  # the first ones end in turn, as served rows do
-                j += 1
-                self._add(kind, first_len=max_tokens * j // num_free)
-            else:
-                self._add(kind)
+        num_free, nth_free = kinds.count("free"), itertools.count(1)
+        for kind in kinds:  # the first free rows end in turn, as served rows do
+            staggered = kind == "free" and not lockstep
+            self._add(kind, max_tokens * next(nth_free) // num_free if staggered else None)
 
     def _add(self, kind: str, first_len: int | None = None) -> None:
         rid = f"q{next(self._ids)}"
@@ -340,7 +338,8 @@ def mixed_batch(engines: list[Engine], compiler: GrammarCompiler, prompt: list[i
     by = {side.half: side for side in sides}
     out: dict[str, Any] = {
         "batch": batch, "constrained": batch // 2, "block_steps": block_steps, "blocks": blocks,
-        "max_tokens": max_tokens, "lockstep": lockstep, "mean_constrained_len": statistics.mean(lengths or [0]),
+        "max_tokens": max_tokens, "lockstep": lockstep,
+        "mean_constrained_len": statistics.mean(lengths or [0]),
         "wall": {k: v.tokens / v.wall for k, v in by.items()},
         "cpu": {k: v.tokens / v.cpu for k, v in by.items()}}
     for base in ("free", "stand-in"):

@@ -72,11 +72,12 @@ class PrefillGroup:
     seqs: list[int]
     q_len: int
     max_len: int
-    block_table: torch.Tensor  # [P, max_blocks]
-    gather: torch.Tensor  # [P * q_len] query row of each padded slot (padding reads row 0)
-    slots: torch.Tensor  # [n] padded slots that are real query rows
-    rows: torch.Tensor  # [n] the query rows they are
-    mask: torch.Tensor  # [P, 1, q_len, max_len] bool
+    # The padded call's inputs; left None for a group of one, which runs unpadded.
+    block_table: torch.Tensor | None = None  # [P, max_blocks]
+    gather: torch.Tensor | None = None  # [P * q_len] query row per padded slot (padding: row 0)
+    slots: torch.Tensor | None = None  # [n] padded slots that are real query rows
+    rows: torch.Tensor | None = None  # [n] the query rows they are
+    mask: torch.Tensor | None = None  # [P, 1, q_len, max_len] bool
 
 
 # Padding a group may at most double its query rows and keys: a long prompt's chunk next to
@@ -90,22 +91,22 @@ _MAX_GROUP_SCORES = 1 << 20
 def plan_prefill(meta: AttentionMetadata, starts: list[int], device: torch.device
                  ) -> list[PrefillGroup]:
     """Groups the multi-token sequences of a step, shortest first, into padded calls."""
-    seqs = sorted((i for i, n in enumerate(meta.query_lens_cpu) if n > 1),
-                  key=lambda i: (meta.query_lens_cpu[i], meta.seq_lens_cpu[i]))
+    q_lens, seq_lens = meta.query_lens_cpu, meta.seq_lens_cpu
+    seqs = sorted((i for i, n in enumerate(q_lens) if n > 1),
+                  key=lambda i: (q_lens[i], seq_lens[i]))
     groups: list[list[int]] = []
+    q_sum = s_sum = longest = 0  # the last group's totals and longest context
     for i in seqs:
-        group = groups[-1] if groups else None
-        if group is not None:
-            members = [*group, i]
-            q = sum(meta.query_lens_cpu[j] for j in members)
-            s = sum(meta.seq_lens_cpu[j] for j in members)
-            longest = max(meta.seq_lens_cpu[j] for j in members)
-            if (len(members) * meta.query_lens_cpu[i] <= _MAX_PADDING * q
-                    and len(members) * longest <= _MAX_PADDING * s
-                    and len(members) * meta.query_lens_cpu[i] * longest <= _MAX_GROUP_SCORES):
-                group.append(i)
-                continue
-        groups.append([i])
+        # Sorted, so i has the group's longest query; the padded call holds n x q_len rows.
+        n = len(groups[-1]) + 1 if groups else 1
+        q, s, top = q_sum + q_lens[i], s_sum + seq_lens[i], max(longest, seq_lens[i])
+        if (n > 1 and n * q_lens[i] <= _MAX_PADDING * q and n * top <= _MAX_PADDING * s
+                and n * q_lens[i] * top <= _MAX_GROUP_SCORES):
+            groups[-1].append(i)
+            q_sum, s_sum, longest = q, s, top
+        else:
+            groups.append([i])
+            q_sum, s_sum, longest = q_lens[i], seq_lens[i], seq_lens[i]
     return [_prefill_group(meta, g, starts, device) for g in groups]
 
 
@@ -114,6 +115,8 @@ def _prefill_group(meta: AttentionMetadata, seqs: list[int], starts: list[int],
     q_lens = [meta.query_lens_cpu[i] for i in seqs]
     seq_lens = [meta.seq_lens_cpu[i] for i in seqs]
     q_len, max_len = max(q_lens), max(seq_lens)
+    if len(seqs) == 1:
+        return PrefillGroup(seqs, q_len, max_len)
     gather: list[int] = []
     slots: list[int] = []
     rows: list[int] = []
@@ -190,7 +193,7 @@ class TorchAttentionBackend:
             if meta.prefill_plan is None:
                 meta.prefill_plan = plan_prefill(meta, plan.query_starts, q.device)
             for group in meta.prefill_plan:
-                if len(group.seqs) == 1:
+                if group.mask is None:
                     i = group.seqs[0]
                     self._prefill(q, out, kv_cache, meta, i, plan.query_starts[i],
                                   meta.query_lens_cpu[i])
@@ -209,6 +212,8 @@ class TorchAttentionBackend:
 
     def _prefill_group(self, q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                        group: PrefillGroup) -> None:
+        assert group.block_table is not None and group.gather is not None
+        assert group.rows is not None and group.slots is not None
         n, h, d = len(group.seqs), q.shape[1], q.shape[2]
         k, v = gather_kv(kv_cache, group.block_table, group.max_len)
         qs = q.index_select(0, group.gather).view(n, group.q_len, h, d).transpose(1, 2)
